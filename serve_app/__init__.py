@@ -1,0 +1,1 @@
+"""Roundhouse: several LLMs on one GPU behind one OpenAI-compatible endpoint."""

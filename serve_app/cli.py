@@ -1,0 +1,97 @@
+"""The `roundhouse` console command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prepare_models(args: argparse.Namespace) -> int:
+    from serve_app.local_models import PrepareError, prepare_all
+
+    try:
+        for prepared in prepare_all(force=args.force):
+            print(prepared.path)
+    except PrepareError as exc:
+        print(f"roundhouse prepare-models: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from serve_app.app import load_app_config
+
+    try:
+        config = load_app_config(args.config, app=args.app)
+    except (OSError, ValueError) as exc:
+        print(f"roundhouse check-config: {exc}", file=sys.stderr)
+        return 1
+    names = ", ".join(m.name for m in config.models)
+    print(f"{args.config}: ok ({len(config.models)} models: {names})")
+    return 0
+
+
+def _wait_ready(args: argparse.Namespace) -> int:
+    """Blocks until the Serve application is RUNNING and answers HTTP, or fails clearly."""
+    import time
+    import urllib.request
+
+    import ray
+    from ray import serve
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    deadline = time.monotonic() + args.timeout
+    last = ""
+    while time.monotonic() < deadline:
+        app = serve.status().applications.get(args.app)
+        state = str(app.status.value) if app else "NOT_DEPLOYED"
+        if app is not None:
+            loading = [f"{name}: {d.status.value}" for name, d in app.deployments.items()
+                       if d.status.value != "HEALTHY"]
+            line = f"{state} ({', '.join(loading)})" if loading else state
+        else:
+            line = state
+        if line != last:
+            print(f"[wait-ready] {args.app}: {line}", file=sys.stderr, flush=True)
+            last = line
+        if state == "DEPLOY_FAILED" and app is not None:
+            print(f"roundhouse wait-ready: deploy failed: {app.message}", file=sys.stderr)
+            return 1
+        if state == "RUNNING":
+            try:
+                with urllib.request.urlopen(f"{args.url}/v1/models", timeout=10) as resp:
+                    if resp.status == 200:
+                        print(f"Roundhouse is serving the OpenAI API at {args.url}/v1")
+                        return 0
+            except OSError:
+                pass
+        time.sleep(2)  # polling interval of a status loop, not synchronisation
+    print(f"roundhouse wait-ready: not ready after {args.timeout:.0f} s", file=sys.stderr)
+    return 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="roundhouse", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare-models", help="build the local models from packaged weights")
+    prep.add_argument("--force", action="store_true", help="rebuild even if present and valid")
+    prep.set_defaults(func=_prepare_models)
+    check = sub.add_parser("check-config", help="validate a Serve config file's app args")
+    check.add_argument("config")
+    check.add_argument("--app", default=None, help="application name (default: the first)")
+    check.set_defaults(func=_check_config)
+    wait = sub.add_parser("wait-ready", help="wait until the deployed app serves requests")
+    wait.add_argument("--url", default="http://127.0.0.1:8000")
+    wait.add_argument("--app", default="roundhouse")
+    wait.add_argument("--timeout", type=float, default=900.0)
+    wait.set_defaults(func=_wait_ready)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""The application's arguments (the `args:` block of a Serve config), validated with pydantic.
+
+Everything is `extra="forbid"`: a misspelt key in a YAML file must fail the deploy with a message
+that names it, not be silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FakeEngineConfig(_Strict):
+    """Timings of the deterministic test engine (tests only; see deployments/fake_engine.py)."""
+
+    load_s: Annotated[float, Field(ge=0)] = 0.0
+    ttft_s: Annotated[float, Field(ge=0)] = 0.0
+    tokens_per_s: Annotated[float, Field(gt=0)] = 500.0
+    max_model_len: Annotated[int, Field(ge=16)] = 2048
+    kv_capacity_tokens: Annotated[int, Field(ge=16)] = 65536
+    fail_load: str | None = None  # if set, start() raises with this message
+
+
+class ModelConfig(_Strict):
+    name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
+    # A local path, a name under ROUNDHOUSE_MODELS_DIR (see `roundhouse prepare-models`), or a
+    # model id that vLLM resolves itself.
+    model: str = ""
+    engine: Literal["vllm", "fake"] = "vllm"
+    # Passed to vLLM's AsyncEngineArgs unchanged (max_model_len, enforce_eager, dtype,
+    # gpu_memory_utilization, quantization, ...); checked against its fields at build time.
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    fake: FakeEngineConfig | None = None
+    # Environment of the model's replica process (VLLM_CPU_KVCACHE_SPACE, ...).
+    env: dict[str, str] = Field(default_factory=dict)
+    aliases: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(default_factory=list)
+    num_gpus: Annotated[float, Field(ge=0, le=1)] = 0.0
+    memory_gib: Annotated[float, Field(gt=0)] = 1.0
+    pinned: bool = False
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 256
+    # Engine start (weights, KV allocation, warm-up) must finish within this.
+    start_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> ModelConfig:
+        if self.engine == "vllm" and not self.model:
+            raise ValueError(f"model {self.name!r}: 'model' (a path or model id) is required")
+        if self.engine == "fake" and self.engine_kwargs:
+            raise ValueError(f"model {self.name!r}: engine_kwargs apply to vllm only")
+        return self
+
+
+class IngressConfig(_Strict):
+    max_body_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_BODY_BYTES
+    max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
+    num_replicas: Annotated[int, Field(ge=1)] = 1
+
+
+class AppConfig(_Strict):
+    models: Annotated[list[ModelConfig], Field(min_length=1)]
+    # Where `"model": "auto"` (and a missing model) goes until the routing rules exist.
+    default_model: str | None = None
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+
+    @model_validator(mode="after")
+    def _check_names(self) -> AppConfig:
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for name in (m.name, *m.aliases):
+                if name == "auto":
+                    raise ValueError("'auto' is reserved for routing; it cannot name a model")
+                if name in seen:
+                    raise ValueError(
+                        f"name {name!r} is used by both model {seen[name]!r} and model {m.name!r}"
+                    )
+                seen[name] = m.name
+        if self.default_model is not None and self.default_model not in {
+            m.name for m in self.models
+        }:
+            raise ValueError(
+                f"default_model {self.default_model!r} is not one of the models: "
+                f"{', '.join(m.name for m in self.models)}"
+            )
+        return self
+
+    @property
+    def default(self) -> str:
+        return self.default_model or self.models[0].name
+
+    def model(self, name: str) -> ModelConfig:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def lookup(self) -> dict[str, str]:
+        """Every name a client may send in `model` (names and aliases) -> model name."""
+        table = {m.name: m.name for m in self.models}
+        for m in self.models:
+            table.update({alias: m.name for alias in m.aliases})
+        return table
+
+
+def deployment_name(model: str) -> str:
+    return f"model-{model}"

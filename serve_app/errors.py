@@ -1,0 +1,132 @@
+"""Every failure a client can see, mapped to an OpenAI error body and an HTTP status in one table.
+
+Errors are raised as `RoundhouseError` subclasses anywhere (ingress or model replica; they pickle,
+so they survive the Ray hop) and turned into a response only by `error_payload`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger("roundhouse")
+
+
+class RoundhouseError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Keyword-only arguments do not survive the default Exception pickling across Ray.
+        return (_rebuild, (type(self), self.message, self.param, self.code, self.retry_after_s))
+
+
+def _rebuild(
+    cls: type[RoundhouseError],
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after_s: float | None,
+) -> RoundhouseError:
+    return cls(message, param=param, code=code, retry_after_s=retry_after_s)
+
+
+class BadRequest(RoundhouseError):
+    status, type, code = 400, "invalid_request_error", None
+
+
+class Unauthorized(RoundhouseError):
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class Forbidden(RoundhouseError):
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class NotFound(RoundhouseError):
+    status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(RoundhouseError):
+    status, type, code = 405, "invalid_request_error", "method_not_allowed"
+
+
+class PayloadTooLarge(RoundhouseError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class UnsupportedMediaType(RoundhouseError):
+    status, type, code = 415, "invalid_request_error", "unsupported_media_type"
+
+
+class RateLimited(RoundhouseError):
+    status, type, code = 429, "rate_limit_error", "rate_limit_exceeded"
+
+
+class ModelUnavailable(RoundhouseError):
+    status, type, code = 503, "service_unavailable", "model_unavailable"
+
+
+class GenerationTimeout(RoundhouseError):
+    status, type, code = 504, "timeout_error", "generation_timeout"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps replica exceptions (RayTaskError and friends); the cause is what we classify.
+
+    The wrapper may itself subclass the cause's type without carrying its attributes, so we
+    always follow `.cause` to the original exception.
+    """
+    for _ in range(5):
+        cause = getattr(exc, "cause", None)
+        if not isinstance(cause, BaseException) or cause is exc:
+            break
+        exc = cause
+    return exc
+
+
+def _is_replica_lost(exc: BaseException) -> bool:
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError",
+                         "WorkerCrashedError", "DeploymentUnavailableError"})
+
+
+def error_payload(exc: BaseException, request_id: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, body, extra headers) for any exception; never leaks a stack trace."""
+    exc = unwrap(exc)
+    headers: dict[str, str] = {}
+    if isinstance(exc, RoundhouseError):
+        status, etype, code, message, param = exc.status, exc.type, exc.code, exc.message, exc.param
+        if exc.retry_after_s is not None:
+            headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
+    elif _is_replica_lost(exc):
+        status, etype, code, param = 503, "service_unavailable", "model_unavailable", None
+        message = "the model replica serving this request stopped; retry the request"
+        headers["retry-after"] = "5"
+        logger.warning("request %s: model replica lost: %s", request_id, type(exc).__name__)
+    else:
+        status, etype, code, param = 500, "internal_error", "internal_error", None
+        message = f"internal error; quote request id {request_id} when reporting it"
+        logger.error("request %s: unhandled %s", request_id, type(exc).__name__, exc_info=exc)
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    return status, body, headers
