@@ -36,6 +36,14 @@ class EngineError(Exception):
     """The engine cannot serve (failed to start, died); the message names the cause."""
 
 
+class InvalidRequest(ValueError):
+    """The engine refuses the request's parameters (a client error, not an engine failure)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class PromptTooLong(ValueError):
     def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
         wanted = prompt_tokens + (max_tokens or 0)

@@ -17,7 +17,14 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine import Engine, EngineError, EngineOutput, EngineRequest, PromptTooLong
+from deployments.engine import (
+    Engine,
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    InvalidRequest,
+    PromptTooLong,
+)
 from serve_app.config import ModelConfig
 from serve_app.errors import BadRequest, ModelUnavailable
 from serve_app.protocol import (
@@ -31,7 +38,7 @@ from serve_app.protocol import (
     usage_chunk,
 )
 
-logger = logging.getLogger("roundhouse")
+logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
 
 def make_engine(config: ModelConfig) -> Engine:
@@ -107,6 +114,8 @@ class ModelServer:
         except PromptTooLong as exc:
             raise BadRequest(str(exc), param="messages" if call.messages else "prompt",
                              code="context_length_exceeded") from None
+        except InvalidRequest as exc:
+            raise BadRequest(str(exc), param=exc.param) from None
         except EngineError as exc:
             raise ModelUnavailable(f"model {self._name} failed: {exc}",
                                    retry_after_s=5) from None

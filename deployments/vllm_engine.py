@@ -12,14 +12,20 @@ import logging
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from deployments.engine import EngineError, EngineOutput, EngineRequest, PromptTooLong
+from deployments.engine import (
+    EngineError,
+    EngineOutput,
+    EngineRequest,
+    InvalidRequest,
+    PromptTooLong,
+)
 from serve_app.config import ModelConfig
 from serve_app.local_models import resolve_model_path
 
 if TYPE_CHECKING:
     from vllm.v1.engine.async_llm import AsyncLLM
 
-logger = logging.getLogger("roundhouse")
+logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
 # Settings we own: the engine must stream deltas to us and not log prompts.
 _RESERVED_KWARGS = frozenset({"enable_log_requests"})
@@ -33,6 +39,12 @@ def check_engine_kwargs(kwargs: dict[str, Any]) -> list[str]:
         return []
     known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
     return sorted(k for k in kwargs if k not in known or k in _RESERVED_KWARGS)
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    yield first
+    async for item in rest:
+        yield item
 
 
 class VllmEngine:
@@ -71,6 +83,7 @@ class VllmEngine:
         self._defaults = model_config.get_diff_sampling_param()
 
     def _sampling_params(self, request: EngineRequest, prompt_tokens: int) -> Any:
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         s = request.sampling
@@ -90,12 +103,20 @@ class VllmEngine:
             else defaults.get("frequency_penalty", 0.0),
             "stop": list(s.stop) or None,
             "seed": s.seed,
+            "min_tokens": s.min_tokens,
+            "ignore_eos": s.ignore_eos,
             "output_kind": RequestOutputKind.DELTA,
         }
         for key in ("top_k", "min_p", "repetition_penalty"):
-            if key in defaults:
+            value = getattr(s, key)
+            if value is not None:
+                params[key] = value
+            elif key in defaults:
                 params[key] = defaults[key]
-        return SamplingParams(**params)
+        try:
+            return SamplingParams(**params)
+        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation
+            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from None
 
     async def _render(self, llm: AsyncLLM, request: EngineRequest) -> Any:
         from vllm.renderers.params import ChatParams, TokenizeParams
@@ -118,7 +139,16 @@ class VllmEngine:
         prompt = await self._render(llm, request)
         prompt_tokens = len(prompt["prompt_token_ids"])
         params = self._sampling_params(request, prompt_tokens)
-        async for out in llm.generate(prompt, params, request.request_id):
+        from vllm.exceptions import VLLMClientError
+
+        try:
+            outputs = llm.generate(prompt, params, request.request_id)
+            first = await anext(outputs)
+        except VLLMClientError as exc:
+            raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from None
+        except StopAsyncIteration:
+            return
+        async for out in _chain(first, outputs):
             for completion in out.outputs:
                 yield EngineOutput(
                     index=completion.index,

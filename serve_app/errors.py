@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-logger = logging.getLogger("roundhouse")
+logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
 
 class RoundhouseError(Exception):

@@ -39,7 +39,7 @@ from serve_app.protocol import (
     model_card,
 )
 
-logger = logging.getLogger("roundhouse")
+logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
 _MAX_REQUEST_ID_LEN = 128
 _DONE = "data: [DONE]\n\n"

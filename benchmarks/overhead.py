@@ -1,0 +1,207 @@
+"""What Roundhouse costs on top of vLLM: the same model, same machine, same run.
+
+Target A is vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`); target B
+is Roundhouse (Ray Serve proxy -> ingress -> model replica with AsyncLLM) serving the same model
+with the same engine settings. Both are driven by vLLM's serving benchmark
+(`vllm.benchmarks.serve`, random dataset, 128 input / 64 output tokens) at concurrency 1 and 16,
+one target at a time so they never compete for the two cores.
+
+    python benchmarks/overhead.py [--num-prompts 64] [--repeats 1]
+
+Writes benchmarks/results/overhead.json and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+MODEL_NAME = "chat"
+ENGINE_KWARGS: dict[str, Any] = {"enforce_eager": True, "dtype": "bfloat16",
+                                 "max_model_len": 2048}
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+DIRECT_PORT, ROUNDHOUSE_PORT = 18101, 18102
+METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
+           "p99_tpot_ms", "completed")
+
+
+def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)  # readiness polling interval
+    raise TimeoutError(f"{url} not ready after {timeout_s} s")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@contextlib.contextmanager
+def direct_vllm(model_path: str, log: Path) -> Iterator[str]:
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
+           "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(DIRECT_PORT),
+           "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "2048",
+           "--disable-log-stats"]
+    env = {**os.environ, **ENGINE_ENV}
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{DIRECT_PORT}"
+        _wait_http(f"{base}/v1/models", 600, proc)
+        yield base
+    finally:
+        _stop(proc)
+
+
+@contextlib.contextmanager
+def roundhouse(log: Path) -> Iterator[str]:
+    config = {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": ROUNDHOUSE_PORT},
+        "applications": [{
+            "name": "roundhouse", "route_prefix": "/", "import_path": "serve_app.app:build_app",
+            "args": {"models": [{"name": MODEL_NAME, "model": "smollm2-135m-instruct",
+                                 "engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV}]},
+        }],
+    }
+    config_path = RESULTS / "overhead_config.json"
+    config_path.write_text(json.dumps(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    serve = str(Path(sys.executable).parent / "serve")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([serve, "run", str(config_path)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{ROUNDHOUSE_PORT}"
+        _wait_http(f"{base}/v1/models", 600, proc)
+        # /v1/models answers once the ingress is up; the engine may still be loading.
+        _wait_for_completion(base)
+        yield base
+    finally:
+        _stop(proc)
+        config_path.unlink(missing_ok=True)
+
+
+def _wait_for_completion(base: str) -> None:
+    body = json.dumps({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}).encode()
+    req = urllib.request.Request(f"{base}/v1/completions", data=body,
+                                 headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        resp.read()
+
+
+def run_vllm_bench(base: str, tokenizer: str, concurrency: int, num_prompts: int,
+                   label: str) -> dict[str, Any]:
+    out_dir = RESULTS / "raw"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result_file = f"{label}-c{concurrency}.json"
+    cmd = [sys.executable, "-c", "import sys; from vllm.benchmarks.serve import add_cli_args, "
+           "main; from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
+           "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))",
+           "--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
+           "--model", MODEL_NAME, "--tokenizer", tokenizer, "--dataset-name", "random",
+           "--random-input-len", "128", "--random-output-len", "64", "--ignore-eos",
+           "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
+           "--seed", "0", "--save-result", "--result-dir", str(out_dir),
+           "--result-filename", result_file, "--disable-tqdm", "--num-warmups", "2"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    data = json.loads((out_dir / result_file).read_text())
+    return {k: data.get(k) for k in METRICS}
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    args = parser.parse_args()
+
+    from serve_app.local_models import SMOLLM2_NAME, models_dir
+
+    model_path = str(models_dir() / SMOLLM2_NAME)
+    if not Path(model_path).exists():
+        print("run `roundhouse prepare-models` (or make bench) first", file=sys.stderr)
+        return 1
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, dict[str, Any]]] = {"vllm": {}, "roundhouse": {}}
+    with direct_vllm(model_path, RESULTS / "overhead-vllm.log") as base:
+        for c in args.concurrency:
+            results["vllm"][str(c)] = run_vllm_bench(base, model_path, c, args.num_prompts,
+                                                     "vllm")
+    with roundhouse(RESULTS / "overhead-roundhouse.log") as base:
+        for c in args.concurrency:
+            results["roundhouse"][str(c)] = run_vllm_bench(base, model_path, c,
+                                                           args.num_prompts, "roundhouse")
+
+    ratios: dict[str, dict[str, float]] = {}
+    for c in map(str, args.concurrency):
+        d, r = results["vllm"][c], results["roundhouse"][c]
+        ratios[c] = {
+            "throughput_ratio": r["output_throughput"] / d["output_throughput"],
+            "median_ttft_delta_ms": r["median_ttft_ms"] - d["median_ttft_ms"],
+            "median_tpot_ratio": r["median_tpot_ms"] / d["median_tpot_ms"],
+        }
+    report = {
+        "benchmark": "overhead",
+        "workload": {"dataset": "random", "input_len": 128, "output_len": 64,
+                     "num_prompts": args.num_prompts, "concurrency": args.concurrency,
+                     "model": "SmolLM2-135M-Instruct (bf16, enforce_eager, CPU)"},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "results": results,
+        "ratios": ratios,
+        "targets": {"throughput_ratio_c16_min": 0.90, "median_ttft_delta_c1_max_ms": 30.0},
+    }
+    (RESULTS / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    header = (f"{'target':<11} {'conc':>4} {'out tok/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} "
+              f"{'TPOT p50':>9} {'TPOT p99':>9}")
+    print(header)
+    print("-" * len(header))
+    for target in ("vllm", "roundhouse"):
+        for c in map(str, args.concurrency):
+            m = results[target][c]
+            print(f"{target:<11} {c:>4} {_fmt(m['output_throughput']):>9} "
+                  f"{_fmt(m['median_ttft_ms']):>9} {_fmt(m['p99_ttft_ms']):>9} "
+                  f"{_fmt(m['median_tpot_ms']):>9} {_fmt(m['p99_tpot_ms']):>9}")
+    print()
+    for c, r in ratios.items():
+        print(f"concurrency {c}: throughput {r['throughput_ratio']:.3f}x of vLLM, "
+              f"median TTFT {r['median_ttft_delta_ms']:+.1f} ms, "
+              f"median TPOT {r['median_tpot_ratio']:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

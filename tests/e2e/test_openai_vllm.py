@@ -1,0 +1,139 @@
+"""End to end: configs/local.yaml on real vLLM engines, driven by the official openai client."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from serve_app.app import load_app_config
+from tests.conftest import REPO, model_handle, wait_until
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def base_url(deploy: Any) -> str:
+    config = load_app_config(REPO / "configs" / "local.yaml")
+    return deploy(config.model_dump())
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
+                         timeout=120)
+
+
+def test_chat_answers_sensibly(client: openai.OpenAI) -> None:
+    resp = client.chat.completions.create(
+        model="chat", temperature=0, max_tokens=24,
+        messages=[{"role": "user", "content": "What is the capital of France?"}])
+    answer = resp.choices[0].message.content
+    assert "Paris" in answer
+    assert resp.usage.prompt_tokens > 10  # the chat template was applied
+    assert resp.usage.completion_tokens <= 24
+
+
+def test_chat_streams_token_by_token(client: openai.OpenAI) -> None:
+    stream = client.chat.completions.create(
+        model="auto", temperature=0, max_tokens=16, stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Count from one to five."}])
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices]
+    assert len(content) > 3
+    assert content[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in content)
+    assert text.strip()
+    assert content[-1].choices[0].finish_reason in ("stop", "length")
+    usage = chunks[-1].usage
+    assert usage is not None and chunks[-1].choices == []
+    with_text = [c for c in content if c.choices[0].delta.content]
+    assert len(with_text) <= usage.completion_tokens <= 16
+
+
+def test_stream_and_non_stream_agree_at_temperature_zero(client: openai.OpenAI) -> None:
+    messages = [{"role": "user", "content": "Name a color."}]
+    full = client.chat.completions.create(model="chat", messages=messages, temperature=0,
+                                          max_tokens=12)
+    streamed = "".join(
+        c.choices[0].delta.content or ""
+        for c in client.chat.completions.create(model="chat", messages=messages, temperature=0,
+                                                max_tokens=12, stream=True)
+        if c.choices)
+    assert streamed == full.choices[0].message.content
+
+
+def test_every_model_serves_completions(client: openai.OpenAI) -> None:
+    for model in ("chat", "code", "reasoning"):
+        resp = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=8,
+                                         temperature=0)
+        assert resp.model == model
+        assert resp.choices[0].text
+        assert resp.usage.completion_tokens == 8
+
+
+def test_sampling_parameters_reach_the_engine(client: openai.OpenAI) -> None:
+    resp = client.completions.create(model="code", prompt="1, 2, 3, 4,", max_tokens=20,
+                                     temperature=0.7, stop=[","], n=2, seed=1)
+    assert [c.index for c in resp.choices] == [0, 1]
+    for choice in resp.choices:
+        assert "," not in choice.text and choice.finish_reason == "stop"
+    again = client.completions.create(model="code", prompt="1, 2, 3, 4,", max_tokens=20,
+                                      temperature=0.7, stop=[","], n=2, seed=1)
+    assert [c.text for c in again.choices] == [c.text for c in resp.choices]  # seed honoured
+    short = client.completions.create(model="code", prompt="Once upon a time", max_tokens=3,
+                                      temperature=1.0, frequency_penalty=1.5,
+                                      presence_penalty=-1, top_p=0.5)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+
+
+def test_engine_parameter_errors_are_400(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError, match="greedy"):
+        client.completions.create(model="code", prompt="x", max_tokens=2, temperature=0, n=2)
+
+
+def test_models_endpoint(client: openai.OpenAI) -> None:
+    assert sorted(m.id for m in client.models.list()) == ["chat", "code", "reasoning"]
+
+
+def test_errors_are_openai_errors(client: openai.OpenAI, base_url: str) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}],
+                                       top_p=3)
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.chat.completions.create(model="chat", max_tokens=4000,
+                                       messages=[{"role": "user", "content": "hi"}])
+    assert "2048" in str(too_long.value)
+    resp = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"model": "chat",')
+    assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
+    huge = b'{"model":"chat","messages":[{"role":"user","content":"' + b"a" * (9 << 20) + b'"}]}'
+    assert httpx.post(f"{base_url}/v1/chat/completions", content=huge).status_code == 413
+
+
+def test_disconnect_aborts_the_vllm_request(base_url: str) -> None:
+    handle = model_handle("reasoning")
+    body = {"model": "reasoning", "max_tokens": 1900, "stream": True, "ignore_eos": True,
+            "messages": [{"role": "user", "content": "Write a very long story."}]}
+    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()  # keep a reference: dropping it closes the stream early
+        first = next(lines)
+        assert first.startswith("data: ") and '"error"' not in first, first
+        wait_until(lambda: handle.stats.remote().result()["unfinished_requests"] == 1, 30,
+                   "vLLM to hold the streaming request")
+    wait_until(lambda: handle.stats.remote().result()["unfinished_requests"] == 0, 10,
+               "vLLM to abort the request after the client disconnected")
+
+
+def test_server_still_serves_after_bad_input(client: openai.OpenAI, base_url: str) -> None:
+    for content in (b"\x00\x01", b'{"messages": [{"role": "user"}]}', b'{"prompt": 7}'):
+        httpx.post(f"{base_url}/v1/chat/completions", content=content)
+        httpx.post(f"{base_url}/v1/completions", content=content)
+    resp = client.chat.completions.create(model="chat", max_tokens=4,
+                                          messages=[{"role": "user", "content": "Hello!"}])
+    assert resp.choices[0].message.content

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from serve_app.app import ConfigError, load_app_config, model_deployment_options, parse_app_config
+from serve_app.config import AppConfig, deployment_name
+from tests.conftest import REPO
+
+
+def args(**over: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"models": [{"name": "chat", "model": "/m/chat"},
+                                       {"name": "code", "model": "/m/code"}]}
+    base.update(over)
+    return base
+
+
+def test_local_config_has_the_three_roles_on_cpu() -> None:
+    config = load_app_config(REPO / "configs" / "local.yaml")
+    assert [m.name for m in config.models] == ["chat", "code", "reasoning"]
+    assert config.default == "chat"
+    for m in config.models:
+        assert m.engine == "vllm" and m.num_gpus == 0
+        assert m.engine_kwargs["enforce_eager"] is True
+        assert m.name in deployment_name(m.name)
+
+
+def test_production_config_parses() -> None:
+    config = load_app_config(REPO / "serve_config.yaml")
+    assert {m.name for m in config.models} == {"chat", "code", "reasoning"}
+    assert all(0 < m.num_gpus <= 1 for m in config.models)
+
+
+def test_default_model_defaults_to_first() -> None:
+    assert AppConfig.model_validate(args()).default == "chat"
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (args(colour="red"), "colour"),
+    (args(models=[{"name": "chat", "model": "x", "max_tokenz": 5}]), "max_tokenz"),
+    (args(models=[]), "models"),
+    (args(default_model="vision"), "vision"),
+    (args(models=[{"name": "chat", "model": "a"}, {"name": "chat", "model": "b"}]), "chat"),
+    (args(models=[{"name": "chat", "model": "a", "aliases": ["auto"]}]), "auto"),
+    (args(models=[{"name": "Bad Name!", "model": "a"}]), "name"),
+    (args(models=[{"name": "chat"}]), "model"),
+    (args(models=[{"name": "chat", "model": "a", "num_gpus": 1.5}]), "num_gpus"),
+    (args(ingress={"max_body_bytes": 10}), "max_body_bytes"),
+])
+def test_invalid_configs_are_refused_with_the_culprit_named(bad: dict[str, Any],
+                                                            needle: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_app_config(bad)
+    assert needle in str(info.value)
+
+
+def test_unknown_engine_kwargs_are_refused() -> None:
+    pytest.importorskip("vllm")
+    bad = args(models=[{"name": "chat", "model": "a", "engine_kwargs": {"max_model_length": 9}}])
+    with pytest.raises(ConfigError, match="max_model_length"):
+        parse_app_config(bad)
+
+
+def test_aliases_resolve_to_their_model() -> None:
+    config = AppConfig.model_validate(
+        args(models=[{"name": "chat", "model": "a", "aliases": ["gpt-4o-mini"]}]))
+    assert config.lookup() == {"chat": "chat", "gpt-4o-mini": "chat"}
+
+
+def test_deployment_options_carry_env_and_fractional_gpu() -> None:
+    config = AppConfig.model_validate(args(models=[{
+        "name": "code", "model": "a", "num_gpus": 0.4, "env": {"X": "1"}}]))
+    opts = model_deployment_options(config.models[0])
+    assert opts["name"] == "model-code"
+    assert opts["ray_actor_options"]["num_gpus"] == 0.4
+    assert opts["ray_actor_options"]["num_cpus"] == 0
+    assert opts["ray_actor_options"]["runtime_env"] == {"env_vars": {"X": "1"}}
