@@ -6,7 +6,7 @@ with the same engine settings. Both are driven by vLLM's serving benchmark
 (`vllm.benchmarks.serve`, random dataset, 128 input / 64 output tokens) at concurrency 1 and 16,
 one target at a time so they never compete for the two cores.
 
-    python benchmarks/overhead.py [--num-prompts 64] [--repeats 1]
+    python benchmarks/overhead.py [--concurrency 1 16] [--prompts-per-concurrency 4]
 
 Writes benchmarks/results/overhead.json and prints the table.
 """
@@ -30,7 +30,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
 MODEL_NAME = "chat"
-ENGINE_KWARGS: dict[str, Any] = {"enforce_eager": True, "dtype": "bfloat16",
+ENGINE_KWARGS: dict[str, Any] = {"enforce_eager": True, "dtype": "float32",
                                  "max_model_len": 2048}
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
 DIRECT_PORT, ROUNDHOUSE_PORT = 18101, 18102
@@ -67,7 +67,7 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 def direct_vllm(model_path: str, log: Path) -> Iterator[str]:
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path,
            "--served-model-name", MODEL_NAME, "--host", "127.0.0.1", "--port", str(DIRECT_PORT),
-           "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "2048",
+           "--enforce-eager", "--dtype", "float32", "--max-model-len", "2048",
            "--disable-log-stats"]
     env = {**os.environ, **ENGINE_ENV}
     with log.open("wb") as out:
@@ -143,8 +143,9 @@ def _fmt(v: float | None) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompts-per-concurrency", type=int, default=4,
+                        help="prompts sent = this x concurrency, at least 16")
     args = parser.parse_args()
 
     from serve_app.local_models import SMOLLM2_NAME, models_dir
@@ -155,14 +156,14 @@ def main() -> int:
         return 1
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, dict[str, Any]]] = {"vllm": {}, "roundhouse": {}}
+    prompts = {c: max(16, args.prompts_per_concurrency * c) for c in args.concurrency}
     with direct_vllm(model_path, RESULTS / "overhead-vllm.log") as base:
         for c in args.concurrency:
-            results["vllm"][str(c)] = run_vllm_bench(base, model_path, c, args.num_prompts,
-                                                     "vllm")
+            results["vllm"][str(c)] = run_vllm_bench(base, model_path, c, prompts[c], "vllm")
     with roundhouse(RESULTS / "overhead-roundhouse.log") as base:
         for c in args.concurrency:
-            results["roundhouse"][str(c)] = run_vllm_bench(base, model_path, c,
-                                                           args.num_prompts, "roundhouse")
+            results["roundhouse"][str(c)] = run_vllm_bench(base, model_path, c, prompts[c],
+                                                           "roundhouse")
 
     ratios: dict[str, dict[str, float]] = {}
     for c in map(str, args.concurrency):
@@ -175,8 +176,9 @@ def main() -> int:
     report = {
         "benchmark": "overhead",
         "workload": {"dataset": "random", "input_len": 128, "output_len": 64,
-                     "num_prompts": args.num_prompts, "concurrency": args.concurrency,
-                     "model": "SmolLM2-135M-Instruct (bf16, enforce_eager, CPU)"},
+                     "num_prompts": {str(c): n for c, n in prompts.items()},
+                     "concurrency": args.concurrency,
+                     "model": "SmolLM2-135M-Instruct (float32, enforce_eager, CPU)"},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
