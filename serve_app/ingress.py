@@ -12,7 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from ray import serve
@@ -45,6 +45,7 @@ _MAX_REQUEST_ID_LEN = 128
 _DONE = "data: [DONE]\n\n"
 
 Handler = Callable[[Request, str], Awaitable[Response]]
+_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 
 
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -150,23 +151,21 @@ class Ingress:
 
     # --- endpoints ------------------------------------------------------------------------
 
-    async def _chat(self, request: Request, request_id: str) -> Response:
+    async def _parse(self, request: Request, schema: type[_Body]) -> _Body:
         body = await self._read_json(request)
         try:
-            parsed = ChatCompletionRequest.model_validate(body)
+            return schema.model_validate(body)
         except ValidationError as exc:
             message, param = _validation_message(exc)
             raise BadRequest(message, param=param) from None
+
+    async def _chat(self, request: Request, request_id: str) -> Response:
+        parsed = await self._parse(request, ChatCompletionRequest)
         model = self._resolve_model(parsed.model)
         return await self._generate(call_from_chat(parsed, model, request_id))
 
     async def _completions(self, request: Request, request_id: str) -> Response:
-        body = await self._read_json(request)
-        try:
-            parsed = CompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            message, param = _validation_message(exc)
-            raise BadRequest(message, param=param) from None
+        parsed = await self._parse(request, CompletionRequest)
         model = self._resolve_model(parsed.model)
         return await self._generate(call_from_completion(parsed, model, request_id))
 
