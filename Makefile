@@ -52,6 +52,7 @@ test-unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: models
+	$(BIN)/python benchmarks/path_latency.py
 	$(BIN)/python benchmarks/overhead.py
 
 lint: install
