@@ -41,10 +41,11 @@ def check_engine_kwargs(kwargs: dict[str, Any]) -> list[str]:
     return sorted(k for k in kwargs if k not in known or k in _RESERVED_KWARGS)
 
 
-async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    yield first
-    async for item in rest:
-        yield item
+def _client_error() -> type[Exception]:
+    """vLLM's base class for errors caused by the request (imported lazily: vLLM is optional)."""
+    from vllm.exceptions import VLLMClientError
+
+    return VLLMClientError
 
 
 class VllmEngine:
@@ -83,7 +84,6 @@ class VllmEngine:
         self._defaults = model_config.get_diff_sampling_param()
 
     def _sampling_params(self, request: EngineRequest, prompt_tokens: int) -> Any:
-        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind, SamplingParams
 
         s = request.sampling
@@ -115,7 +115,7 @@ class VllmEngine:
                 params[key] = defaults[key]
         try:
             return SamplingParams(**params)
-        except (ValueError, TypeError, VLLMClientError) as exc:  # vLLM's own validation
+        except (ValueError, TypeError, _client_error()) as exc:  # vLLM's own validation
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from None
 
     async def _render(self, llm: AsyncLLM, request: EngineRequest) -> Any:
@@ -139,24 +139,18 @@ class VllmEngine:
         prompt = await self._render(llm, request)
         prompt_tokens = len(prompt["prompt_token_ids"])
         params = self._sampling_params(request, prompt_tokens)
-        from vllm.exceptions import VLLMClientError
-
         try:
-            outputs = llm.generate(prompt, params, request.request_id)
-            first = await anext(outputs)
-        except VLLMClientError as exc:
+            async for out in llm.generate(prompt, params, request.request_id):
+                for completion in out.outputs:
+                    yield EngineOutput(
+                        index=completion.index,
+                        text=completion.text,
+                        num_tokens=len(completion.token_ids),
+                        prompt_tokens=prompt_tokens,
+                        finish_reason=completion.finish_reason,
+                    )
+        except _client_error() as exc:  # the request itself was refused (a client error)
             raise InvalidRequest(str(exc), getattr(exc, "parameter", None)) from None
-        except StopAsyncIteration:
-            return
-        async for out in _chain(first, outputs):
-            for completion in out.outputs:
-                yield EngineOutput(
-                    index=completion.index,
-                    text=completion.text,
-                    num_tokens=len(completion.token_ids),
-                    prompt_tokens=prompt_tokens,
-                    finish_reason=completion.finish_reason,
-                )
 
     async def abort(self, request_id: str) -> None:
         if self._llm is not None:
