@@ -26,7 +26,7 @@ from deployments.engine import (
     PromptTooLong,
 )
 from serve_app.config import ModelConfig
-from serve_app.errors import BadRequest, ModelUnavailable
+from serve_app.errors import BadRequest, ModelDraining, ModelUnavailable
 from serve_app.protocol import (
     GenerateCall,
     StreamEnd,
@@ -77,15 +77,19 @@ class ModelServer:
         self._config = ModelConfig.model_validate(config)
         self._name = self._config.name
         self._engine = engine or make_engine(self._config)
+        self._in_flight = 0
+        self._draining = False
         try:
             await asyncio.wait_for(self._engine.start(), timeout=self._config.start_timeout_s)
-        except TimeoutError as exc:
-            await self._engine.shutdown()
-            raise EngineError(
-                f"model {self._name}: engine did not start within "
-                f"{self._config.start_timeout_s:.0f} s"
-            ) from exc
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                await self._engine.shutdown()
+            cause = (f"engine did not start within {self._config.start_timeout_s:.0f} s"
+                     if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
+            await _report("model_failed", self._name, cause)
+            raise EngineError(f"model {self._name}: {cause}") from exc
         logger.info("model %s: engine ready", self._name)
+        await _report("model_ready", self._name, _engine_processes(), _node_id())
 
     # --- generation -----------------------------------------------------------------------
 
@@ -154,7 +158,22 @@ class ModelServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
+    def _admit(self) -> None:
+        if self._draining:
+            raise ModelDraining(f"model {self._name} is being stopped", retry_after_s=1)
+
     async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
+        self._admit()
+        self._in_flight += 1
+        inner = self._stream(call)
+        try:
+            async for item in inner:
+                yield item
+        finally:
+            self._in_flight -= 1
+            await inner.aclose()
+
+    async def _stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
         rid, created, model = response_id(call.endpoint), call.created, call.model
         n = call.sampling.n
         tally = _Tally(max(1, len(call.prompts)))
@@ -181,6 +200,14 @@ class ModelServer:
         yield StreamEnd(usage)
 
     async def complete(self, call: GenerateCall) -> dict[str, Any]:
+        self._admit()
+        self._in_flight += 1
+        try:
+            return await self._complete(call)
+        finally:
+            self._in_flight -= 1
+
+    async def _complete(self, call: GenerateCall) -> dict[str, Any]:
         n = call.sampling.n
         texts: dict[int, list[str]] = {}
         reasons: dict[int, str | None] = {}
@@ -204,10 +231,60 @@ class ModelServer:
     async def kv_capacity_tokens(self) -> int:
         return await self._engine.kv_capacity_tokens()
 
+    async def drain(self) -> int:
+        """Refuse new requests from now on (the controller is evicting this model); returns the
+        requests still in flight."""
+        if not self._draining:
+            logger.info("model %s: draining, %d requests in flight", self._name, self._in_flight)
+        self._draining = True
+        return self._in_flight
+
     async def stats(self) -> dict[str, int]:
-        return {"unfinished_requests": self._engine.num_unfinished(),
+        return {"in_flight": self._in_flight,
+                "draining": int(self._draining),
+                "unfinished_requests": self._engine.num_unfinished(),
                 "max_model_len": self._engine.max_model_len,
                 "kv_capacity_tokens": await self._engine.kv_capacity_tokens()}
 
     async def __del__(self) -> None:
         await self._engine.shutdown()
+
+
+def _engine_processes() -> list[tuple[int, float]]:
+    """(pid, start time) of this replica and its children (vLLM's EngineCore): the processes
+    whose exit frees the model's memory, for the controller's memory probe."""
+    import os
+
+    import psutil
+
+    me = psutil.Process(os.getpid())
+    procs = [me]
+    with contextlib.suppress(psutil.Error):
+        procs += me.children(recursive=True)
+    out = []
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            out.append((p.pid, p.create_time()))
+    return out
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
+    except Exception:
+        return None
+
+
+async def _report(method: str, *args: Any) -> None:
+    """Tell the residency controller (best effort: tests may run a replica without one)."""
+    try:
+        from serve_app.controller import lookup
+
+        app = serve.get_replica_context().app_name
+        actor = lookup(app)
+        if actor is not None:
+            await asyncio.wait_for(getattr(actor, method).remote(*args), timeout=10)
+    except Exception as exc:
+        logger.warning("could not report %s to the controller: %s", method, type(exc).__name__)

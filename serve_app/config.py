@@ -44,7 +44,9 @@ class ModelConfig(_Strict):
     aliases: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(default_factory=list)
     num_gpus: Annotated[float, Field(ge=0, le=1)] = 0.0
     memory_gib: Annotated[float, Field(gt=0)] = 1.0
+    # Pinned: loaded at deploy and never evicted. Preload: loaded at deploy, evictable later.
     pinned: bool = False
+    preload: bool = False
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 256
     # Engine start (weights, KV allocation, warm-up) must finish within this.
     start_timeout_s: Annotated[float, Field(gt=0)] = 600.0
@@ -58,6 +60,29 @@ class ModelConfig(_Strict):
         return self
 
 
+class ResidencyConfig(_Strict):
+    """How the controller shares accelerator memory between models (see serve_app/controller.py)."""
+
+    # The memory budget the models share, in GiB: the GPU's memory on a GPU host, the RAM set
+    # aside for engines on a CPU host. None: every model fits at once (nothing is evicted).
+    gpu_memory_gib: Annotated[float, Field(gt=0)] | None = None
+    # Requests allowed to wait for one model to load; more get 503 with Retry-After.
+    max_waiting_requests: Annotated[int, Field(ge=0)] = 64
+    # How long a request waits for its model to become ready (eviction + load) before a 503.
+    load_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    # How long an evicted model's in-flight requests may run before it is stopped anyway.
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 30.0
+    # How long to wait for an evicted model's memory to be really free before loading another.
+    memory_probe_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    # Stop an on-demand model nobody asked for in this long. None: keep it until evicted.
+    idle_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    # A model that fails to load is retried after this, doubling per failure up to the maximum.
+    failure_backoff_s: Annotated[float, Field(gt=0)] = 5.0
+    max_failure_backoff_s: Annotated[float, Field(gt=0)] = 300.0
+    # "Most requested" counts requests with this half-life.
+    popularity_half_life_s: Annotated[float, Field(gt=0)] = 300.0
+
+
 class IngressConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_BODY_BYTES
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
@@ -69,6 +94,7 @@ class AppConfig(_Strict):
     # Where `"model": "auto"` (and a missing model) goes until the routing rules exist.
     default_model: str | None = None
     ingress: IngressConfig = Field(default_factory=IngressConfig)
+    residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
 
     @model_validator(mode="after")
     def _check_names(self) -> AppConfig:
@@ -90,6 +116,11 @@ class AppConfig(_Strict):
                 f"{', '.join(m.name for m in self.models)}"
             )
         return self
+
+    @property
+    def budget_gib(self) -> float:
+        budget = self.residency.gpu_memory_gib
+        return budget if budget is not None else sum(m.memory_gib for m in self.models)
 
     @property
     def default(self) -> str:

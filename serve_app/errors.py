@@ -87,6 +87,13 @@ class ModelUnavailable(RoundhouseError):
     status, type, code = 503, "service_unavailable", "model_unavailable"
 
 
+class ModelDraining(ModelUnavailable):
+    """The replica is being evicted and takes no new requests; the ingress routes the request
+    again through the controller (clients see it only if that keeps happening)."""
+
+    code = "model_draining"
+
+
 class GenerationTimeout(RoundhouseError):
     status, type, code = 504, "timeout_error", "generation_timeout"
 

@@ -24,10 +24,12 @@ from serve_app.config import AppConfig
 from serve_app.errors import (
     BadRequest,
     MethodNotAllowed,
+    ModelDraining,
     ModelNotFound,
     NotFound,
     PayloadTooLarge,
     error_payload,
+    unwrap,
 )
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -38,6 +40,7 @@ from serve_app.protocol import (
     call_from_completion,
     model_card,
 )
+from serve_app.residency_client import ResidencyClient
 
 logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
@@ -71,9 +74,15 @@ def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
     return (f"{param}: {msg}" if param else msg), param
 
 
+# A request the evicted replica turned away goes through the controller again, this often.
+_MAX_ATTEMPTS = 3
+
+
 class Ingress:
-    def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    async def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
         self._config = AppConfig.model_validate(config)
+        self._residency = ResidencyClient(serve.get_replica_context().app_name, config)
+        await self._residency.start()
         self._names = self._config.lookup()
         self._handles = dict(models)
         self._stream_handles = {name: h.options(stream=True) for name, h in models.items()}
@@ -170,9 +179,22 @@ class Ingress:
         return await self._generate(call_from_completion(parsed, model, request_id))
 
     async def _generate(self, call: GenerateCall) -> Response:
+        for attempt in range(1, _MAX_ATTEMPTS + 1):
+            # Loads the model first if it is cold (waiting, bounded) or refuses with a 503.
+            await self._residency.ready(call.model)
+            try:
+                return await self._forward(call)
+            except Exception as exc:
+                if not isinstance(unwrap(exc), ModelDraining) or attempt == _MAX_ATTEMPTS:
+                    raise
+                self._residency.invalidate(call.model)
+        raise AssertionError("unreachable")
+
+    async def _forward(self, call: GenerateCall) -> Response:
         headers = {"x-roundhouse-model": call.model}
         if not call.stream:
-            result = await self._handles[call.model].complete.remote(call)
+            with self._residency.busy(call.model):
+                result = await self._handles[call.model].complete.remote(call)
             return _json_response(result, headers=headers)
         stream: DeploymentResponseGenerator = self._stream_handles[call.model].stream.remote(call)
         try:
@@ -183,13 +205,15 @@ class Ingress:
             stream.cancel()
             raise
         headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return StreamingResponse(self._sse(first, stream, call.request_id),
+        return StreamingResponse(self._sse(first, stream, call),
                                  media_type="text/event-stream", headers=headers)
 
     async def _sse(
-        self, first: str | StreamEnd, stream: DeploymentResponseGenerator, request_id: str
+        self, first: str | StreamEnd, stream: DeploymentResponseGenerator, call: GenerateCall
     ) -> AsyncIterator[str]:
+        request_id = call.request_id
         finished = False
+        self._residency.enter(call.model)
         try:
             item = first
             while not isinstance(item, StreamEnd):
@@ -209,6 +233,7 @@ class Ingress:
             yield f"data: {json.dumps(body)}\n\n"
             yield _DONE
         finally:
+            self._residency.leave(call.model)
             if not finished:
                 stream.cancel()  # client went away: abort the engine request
 

@@ -31,6 +31,11 @@ def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
         time.sleep(interval_s)
 
 
+# The memory Ray offers to CPU model replicas (see serve_app/app.py, MEMORY_RESOURCE): the
+# budget of configs/local.yaml, so Ray holds the same plan as the controller in e2e tests.
+CLUSTER_MEMORY_GIB = 6.5
+
+
 @pytest.fixture(scope="session")
 def ray_serve() -> Iterator[str]:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -38,8 +43,10 @@ def ray_serve() -> Iterator[str]:
     import ray
     from ray import serve
 
+    from serve_app.app import MEMORY_RESOURCE, memory_mib
+
     ray.init(address="local", include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+             log_to_driver=False, resources={MEMORY_RESOURCE: memory_mib(CLUSTER_MEMORY_GIB)})
     serve.start(http_options={"host": "127.0.0.1", "port": TEST_PORT})
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
@@ -48,18 +55,90 @@ def ray_serve() -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def deploy(ray_serve: str) -> Callable[[dict[str, Any]], str]:
-    """Deploys app args as the one `roundhouse` app at `/` (replacing any earlier one)."""
+def serve_config(args: dict[str, Any]) -> dict[str, Any]:
+    """A Serve config document for app args, the way users deploy (`serve deploy`)."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": TEST_PORT},
+        "applications": [{
+            "name": APP_NAME,
+            "route_prefix": "/",
+            "import_path": "serve_app.app:build_app",
+            "autoscaling_policy": {"policy_function": "serve_app.autoscaling:ResidencyPolicy"},
+            "args": args,
+        }],
+    }
+
+
+def remove_app() -> None:
+    """Deletes the app and its residency controller, so the next deploy starts from nothing."""
+    import ray
     from ray import serve
 
-    from serve_app.app import build_app
+    from serve_app.controller import lookup
 
-    def _deploy(args: dict[str, Any]) -> str:
-        serve.run(build_app(args), name=APP_NAME, route_prefix="/")
+    if APP_NAME in serve.status().applications:
+        serve.delete(APP_NAME)
+    actor = lookup(APP_NAME)
+    if actor is not None:
+        ray.kill(actor, no_restart=True)
+        wait_until(lambda: lookup(APP_NAME) is None, 30, "the old controller to go")
+
+
+@pytest.fixture(scope="session")
+def deploy(ray_serve: str) -> Callable[..., str]:
+    """Deploys app args as the one `roundhouse` app at `/` through a Serve config (with the
+    residency autoscaling policy), replacing any earlier app and controller."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    def _deploy(args: dict[str, Any], timeout_s: float = 300) -> str:
+        remove_app()
+        client = serve_start()
+        client.deploy_apps(ServeDeploySchema.model_validate(serve_config(args)))
+        wait_until(lambda: app_status() in ("RUNNING", "DEPLOY_FAILED"), timeout_s,
+                   "the app to deploy", interval_s=0.2)
+        assert app_status() == "RUNNING", app_message()
         return ray_serve
 
     return _deploy
+
+
+def app_status() -> str | None:
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    return None if app is None else str(app.status.value)
+
+
+def app_message() -> str:
+    from ray import serve
+
+    app = serve.status().applications.get(APP_NAME)
+    return "" if app is None else f"{app.status}: {app.message}"
+
+
+def replicas(model: str) -> int:
+    """Running replicas of a model's deployment, as Serve's status API reports them."""
+    from ray import serve
+
+    from serve_app.config import deployment_name
+
+    app = serve.status().applications.get(APP_NAME)
+    if app is None or deployment_name(model) not in app.deployments:
+        return 0
+    counts = app.deployments[deployment_name(model)].replica_states
+    return int(counts.get("RUNNING", 0))
+
+
+def controller_status() -> dict[str, Any]:
+    import ray
+
+    from serve_app.controller import lookup
+
+    actor = lookup(APP_NAME)
+    assert actor is not None, "no residency controller"
+    return dict(ray.get(actor.status.remote(), timeout=10))
 
 
 def model_handle(model: str) -> Any:

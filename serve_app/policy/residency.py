@@ -183,3 +183,11 @@ def check_memory_plan(specs: Mapping[str, ModelSpec], budget_gib: float) -> list
             problems.append(f"pinned models plus the largest on-demand model do not fit: "
                             f"{parts} = {_gib(total)} > {_gib(budget_gib)}")
     return problems
+
+
+def failure_backoff_s(failures: int, base_s: float, cap_s: float) -> float:
+    """Seconds to wait before loading a model again after `failures` failed loads in a row:
+    base, 2x base, 4x base, ... up to the cap."""
+    if failures <= 0:
+        return 0.0
+    return float(min(cap_s, base_s * math.pow(2, min(failures - 1, 60))))
