@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -120,9 +120,15 @@ class _Model:
 
 
 class ResidencyController:
-    def __init__(self, actuator: Actuator, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        actuator: Actuator,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self._actuator = actuator
         self._clock = clock
+        self._sleep = sleep
         self._config: AppConfig | None = None
         self._models: dict[str, _Model] = {}
         self._by_deployment: dict[str, str] = {}
@@ -218,9 +224,13 @@ class ResidencyController:
         self._fail(m, error)
         self.reconcile()
 
-    async def ensure_ready(self, model: str) -> None:
+    async def ensure_ready(self, model: str, counts: dict[str, int] | None = None,
+                           busy: list[str] | None = None) -> None:
         """Returns once `model` is serving; raises ModelUnavailable (503) when it cannot be
-        within the limits. A burst of callers causes one load."""
+        within the limits. A burst of callers causes one load. The caller's usage not yet sent
+        in a heartbeat comes along, so the plan sees the latest use of every model."""
+        if counts or busy:
+            self.heartbeat(counts or {}, busy or [])
         m = self._models.get(model)
         if m is None:
             raise ModelNotFound(f"the model {model!r} does not exist", param="model")
@@ -456,7 +466,7 @@ class ResidencyController:
                     self._log(f"drain timeout {m.name}: stopping with {left} requests in flight",
                               level=logging.WARNING)
                     break
-                await asyncio.sleep(TICK_S)
+                await self._sleep(TICK_S)
             m.desired = 0
             self._log(f"stop {m.name}: drained in {self._clock() - started:.1f} s")
             stop_at = self._clock()
@@ -472,7 +482,7 @@ class ResidencyController:
                     for other in self._models.values():
                         if other.pending:
                             other.blocked = m.error
-                await asyncio.sleep(TICK_S)
+                await self._sleep(TICK_S)
             m.pids, m.node_id, m.error = [], None, ""
             self._set(m, State.COLD)
             self._log(f"stopped {m.name}: memory free {self._clock() - stop_at:.1f} s after "
@@ -621,9 +631,10 @@ def _make_actor_class() -> Any:
             self._start()
             return self._core.configure(config)
 
-        async def ensure_ready(self, model: str) -> None:
+        async def ensure_ready(self, model: str, counts: dict[str, int] | None = None,
+                               busy: list[str] | None = None) -> None:
             self._start()
-            await self._core.ensure_ready(model)
+            await self._core.ensure_ready(model, counts, busy)
 
         async def heartbeat(self, counts: dict[str, int], busy: list[str]) -> dict[str, Any]:
             self._start()

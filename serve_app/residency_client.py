@@ -56,10 +56,13 @@ class ResidencyClient:
             await actor.configure.remote(self._config)
         self._actor = actor
 
+    def _usage(self) -> tuple[dict[str, int], list[str]]:
+        counts, self._counts = dict(self._counts), Counter()
+        return counts, [m for m, n in self._busy.items() if n > 0]
+
     async def _beat(self) -> None:
         while True:
-            counts, self._counts = dict(self._counts), Counter()
-            busy = [m for m, n in self._busy.items() if n > 0]
+            counts, busy = self._usage()
             try:
                 if self._actor is None:
                     self._actor = lookup(self._app)
@@ -92,7 +95,7 @@ class ResidencyClient:
             raise ModelUnavailable("the residency controller is not reachable; retry shortly",
                                    retry_after_s=2)
         try:
-            await actor.ensure_ready.remote(model)
+            await actor.ensure_ready.remote(model, *self._usage())
         except Exception as exc:
             cause = unwrap(exc)
             if isinstance(cause, RoundhouseError):
