@@ -32,9 +32,12 @@ models: install
 
 # Starts (or reuses) a local Ray cluster, deploys the CPU config and waits until every model
 # answers. The server keeps running after this returns; `make stop` stops it.
+# Ray is told the config's memory budget as a custom resource, so it never places two CPU
+# models that do not fit together (see README, "Residency").
 serve: models
 	@$(BIN)/ray status >/dev/null 2>&1 || $(BIN)/ray start --head --disable-usage-stats \
-	  --dashboard-host 127.0.0.1 --include-dashboard true
+	  --dashboard-host 127.0.0.1 --include-dashboard true \
+	  --resources '$(shell $(BIN)/roundhouse ray-resources $(CONFIG) 2>/dev/null || echo {})'
 	$(BIN)/serve deploy $(CONFIG)
 	$(BIN)/roundhouse wait-ready --url http://127.0.0.1:$(PORT)
 
@@ -54,6 +57,7 @@ test-unit: install
 bench: models
 	$(BIN)/python benchmarks/path_latency.py
 	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python benchmarks/cold_start.py
 
 lint: install
 	$(BIN)/ruff check serve_app deployments tests benchmarks

@@ -83,15 +83,11 @@ def direct_vllm(model_path: str, log: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def roundhouse(log: Path) -> Iterator[str]:
-    config = {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": ROUNDHOUSE_PORT},
-        "applications": [{
-            "name": "roundhouse", "route_prefix": "/", "import_path": "serve_app.app:build_app",
-            "args": {"models": [{"name": MODEL_NAME, "model": "smollm2-135m-instruct",
-                                 "engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV}]},
-        }],
-    }
+    from serve_app.app import serve_config
+
+    config = serve_config({"models": [{"name": MODEL_NAME, "model": "smollm2-135m-instruct",
+                                       "pinned": True, "engine_kwargs": ENGINE_KWARGS,
+                                       "env": ENGINE_ENV}]}, ROUNDHOUSE_PORT)
     config_path = RESULTS / "overhead_config.json"
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}

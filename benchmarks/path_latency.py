@@ -29,6 +29,18 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
+def _wait_serving(url: str, body: dict[str, object], timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.post(url, json=body, timeout=30).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)  # readiness polling interval
+    raise TimeoutError(f"{url} not serving after {timeout_s} s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300)
@@ -36,17 +48,20 @@ def main() -> int:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import ray
     from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
 
-    from serve_app.app import build_app
+    from serve_app.app import serve_config
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": PORT})
-    serve.run(build_app({"models": [{"name": "chat", "engine": "fake",
-                                     "fake": {"tokens_per_s": 100000}}]}),
-              name="roundhouse", route_prefix="/")
+    document = serve_config({"models": [{"name": "chat", "engine": "fake", "pinned": True,
+                                         "fake": {"tokens_per_s": 100000}}]}, PORT)
+    serve_start(http_options={"host": "127.0.0.1", "port": PORT}).deploy_apps(
+        ServeDeploySchema.model_validate(document))
     url = f"http://127.0.0.1:{PORT}/v1/chat/completions"
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    _wait_serving(url, body)
     first_byte: list[float] = []
     round_trip: list[float] = []
     with httpx.Client(timeout=30) as client:

@@ -6,6 +6,7 @@ settings as `args`; they are validated here before any replica starts.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from deployments.model_server import ModelServer
 from serve_app.config import AppConfig, ModelConfig, deployment_name
 from serve_app.ingress import IngressDeployment
 from serve_app.policy.residency import ModelSpec, check_memory_plan
+
+logger = logging.getLogger("ray.serve.roundhouse")
 
 # A Ray custom resource standing for accelerator memory on CPU hosts: when the cluster offers it
 # (`make serve` starts Ray with it), each CPU model replica asks for its memory_gib of it, so Ray
@@ -145,6 +148,11 @@ def _cluster_memory_resource(config: AppConfig) -> bool:
         return False
     offered = float(ray.cluster_resources().get(MEMORY_RESOURCE, 0.0))
     if offered <= 0:
+        if any(m.num_gpus == 0 for m in config.models):
+            logger.warning("the Ray cluster offers no %s resource; the residency controller "
+                           "alone keeps CPU models within the budget (start Ray with "
+                           "`--resources \"$(roundhouse ray-resources CONFIG)\"`)",
+                           MEMORY_RESOURCE)
         return False
     largest = max(config.models, key=lambda m: m.memory_gib)
     if largest.num_gpus == 0 and memory_mib(largest.memory_gib) > offered:
@@ -172,3 +180,23 @@ def build_app(args: dict[str, Any]) -> Application:
                             "initial_replicas": replicas},
     )
     return ingress.bind(config.model_dump(), models)
+
+
+AUTOSCALING_POLICY = {"policy_function": "serve_app.autoscaling:ResidencyPolicy"}
+
+
+def serve_config(args: dict[str, Any], port: int, host: str = "127.0.0.1",
+                 app_name: str = "roundhouse") -> dict[str, Any]:
+    """A Serve config document (what `serve deploy` takes) for one Roundhouse app at `/`, with
+    the residency autoscaling policy it needs."""
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": host, "port": port},
+        "applications": [{
+            "name": app_name,
+            "route_prefix": "/",
+            "import_path": "serve_app.app:build_app",
+            "autoscaling_policy": dict(AUTOSCALING_POLICY),
+            "args": args,
+        }],
+    }

@@ -28,6 +28,27 @@ def _check_config(args: argparse.Namespace) -> int:
         return 1
     names = ", ".join(m.name for m in config.models)
     print(f"{args.config}: ok ({len(config.models)} models: {names})")
+    pinned = [m for m in config.models if m.pinned]
+    on_demand = [m for m in config.models if not m.pinned]
+    print(f"memory plan: budget {config.budget_gib:.1f} GiB; pinned "
+          f"{sum(m.memory_gib for m in pinned):.1f} GiB "
+          f"({', '.join(m.name for m in pinned) or 'none'}); largest on demand "
+          f"{max((m.memory_gib for m in on_demand), default=0.0):.1f} GiB")
+    return 0
+
+
+def _ray_resources(args: argparse.Namespace) -> int:
+    """The `--resources` JSON for `ray start`, so Ray holds the config's memory budget."""
+    import json
+
+    from serve_app.app import MEMORY_RESOURCE, load_app_config, memory_mib
+
+    try:
+        config = load_app_config(args.config, app=args.app)
+    except (OSError, ValueError) as exc:
+        print(f"roundhouse ray-resources: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({MEMORY_RESOURCE: memory_mib(config.budget_gib)}))
     return 0
 
 
@@ -80,6 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--app", default=None, help="application name (default: the first)")
     check.set_defaults(func=_check_config)
+    res = sub.add_parser("ray-resources",
+                         help="print the `ray start --resources` JSON for a config's budget")
+    res.add_argument("config")
+    res.add_argument("--app", default=None, help="application name (default: the first)")
+    res.set_defaults(func=_ray_resources)
     wait = sub.add_parser("wait-ready", help="wait until the deployed app serves requests")
     wait.add_argument("--url", default="http://127.0.0.1:8000")
     wait.add_argument("--app", default="roundhouse")

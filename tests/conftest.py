@@ -55,21 +55,6 @@ def ray_serve() -> Iterator[str]:
         ray.shutdown()
 
 
-def serve_config(args: dict[str, Any]) -> dict[str, Any]:
-    """A Serve config document for app args, the way users deploy (`serve deploy`)."""
-    return {
-        "proxy_location": "HeadOnly",
-        "http_options": {"host": "127.0.0.1", "port": TEST_PORT},
-        "applications": [{
-            "name": APP_NAME,
-            "route_prefix": "/",
-            "import_path": "serve_app.app:build_app",
-            "autoscaling_policy": {"policy_function": "serve_app.autoscaling:ResidencyPolicy"},
-            "args": args,
-        }],
-    }
-
-
 def remove_app() -> None:
     """Deletes the app and its residency controller, so the next deploy starts from nothing."""
     import ray
@@ -92,10 +77,13 @@ def deploy(ray_serve: str) -> Callable[..., str]:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
+    from serve_app.app import serve_config
+
     def _deploy(args: dict[str, Any], timeout_s: float = 300) -> str:
         remove_app()
         client = serve_start()
-        client.deploy_apps(ServeDeploySchema.model_validate(serve_config(args)))
+        document = serve_config(args, TEST_PORT, app_name=APP_NAME)
+        client.deploy_apps(ServeDeploySchema.model_validate(document))
         wait_until(lambda: app_status() in ("RUNNING", "DEPLOY_FAILED"), timeout_s,
                    "the app to deploy", interval_s=0.2)
         assert app_status() == "RUNNING", app_message()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any
 
 import httpx
@@ -9,7 +10,7 @@ import openai
 import pytest
 
 from serve_app.app import load_app_config
-from tests.conftest import REPO, model_handle, wait_until
+from tests.conftest import REPO, controller_status, model_handle, replicas, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -66,8 +67,14 @@ def test_stream_and_non_stream_agree_at_temperature_zero(client: openai.OpenAI) 
     assert streamed == full.choices[0].message.content
 
 
-def test_every_model_serves_completions(client: openai.OpenAI) -> None:
-    for model in ("chat", "code", "reasoning"):
+def test_on_demand_models_start_cold(base_url: str) -> None:
+    assert replicas("chat") == 1
+    assert replicas("code") == 0 and replicas("reasoning") == 0
+    assert controller_status()["models"]["code"]["state"] == "cold"
+
+
+def test_chat_and_an_on_demand_model_serve_completions(client: openai.OpenAI) -> None:
+    for model in ("chat", "code"):
         resp = client.completions.create(model=model, prompt="def add(a, b):", max_tokens=8,
                                          temperature=0)
         assert resp.model == model
@@ -113,6 +120,36 @@ def test_errors_are_openai_errors(client: openai.OpenAI, base_url: str) -> None:
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
     huge = b'{"model":"chat","messages":[{"role":"user","content":"' + b"a" * (9 << 20) + b'"}]}'
     assert httpx.post(f"{base_url}/v1/chat/completions", content=huge).status_code == 413
+
+
+def test_asking_reasoning_evicts_code_while_chat_keeps_serving(client: openai.OpenAI) -> None:
+    # The budget (6.5 GiB) holds the pinned chat (3) and one on-demand model (3).
+    assert client.completions.create(model="code", prompt="x", max_tokens=2).choices
+    assert replicas("code") == 1
+    hello = [{"role": "user", "content": "Say hello."}]
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        swap = pool.submit(client.chat.completions.create, model="reasoning", max_tokens=8,
+                           temperature=0, messages=[{"role": "user",
+                                                     "content": "Is 17 a prime number?"}])
+        wait_until(lambda: controller_status()["models"]["code"]["state"] != "active", 30,
+                   "code to be chosen for eviction")
+        served_during_swap = 0
+        while not swap.done():  # chat keeps answering while code stops and reasoning loads
+            resp = client.chat.completions.create(model="chat", max_tokens=4, messages=hello)
+            assert resp.choices[0].message.content
+            served_during_swap += 1
+        answer = swap.result()
+    assert answer.model == "reasoning" and answer.choices[0].message.content
+    assert served_during_swap >= 3
+    assert replicas("code") == 0  # seen through Serve's status API
+    assert replicas("reasoning") == 1 and replicas("chat") == 1
+    messages = [d["message"] for d in controller_status()["decisions"]]
+    evict = next(i for i, m in enumerate(messages) if m.startswith("evict code:"))
+    assert messages[evict].startswith("evict code: least recently used, reasoning needs 3.0 GiB")
+    stop = next(i for i, m in enumerate(messages) if m.startswith("stopped code:"))
+    load = next(i for i, m in enumerate(messages) if m.startswith("load reasoning:"))
+    assert evict < stop < load
+    assert controller_status()["held_gib"] <= 6.5
 
 
 def test_disconnect_aborts_the_vllm_request(base_url: str) -> None:
