@@ -64,6 +64,8 @@ LOST_GRACE_S = 1.0
 # Serve may take a while to report a new replica as running after its constructor returns.
 START_GRACE_S = 60.0
 TICK_S = 0.1
+# Without events (requests, reports) the controller still wakes this often for its timers.
+IDLE_TICK_S = 0.25
 _EPS = 1e-6
 
 
@@ -500,7 +502,7 @@ class ResidencyController:
                 self.reconcile()
             except Exception:
                 logger.exception("reconcile failed")
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(IDLE_TICK_S)
 
     # --- reporting ---------------------------------------------------------------------------------
 
