@@ -165,39 +165,34 @@ class ModelServer:
     async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
         self._admit()
         self._in_flight += 1
-        inner = self._stream(call)
         try:
-            async for item in inner:
-                yield item
+            rid, created, model = response_id(call.endpoint), call.created, call.model
+            n = call.sampling.n
+            tally = _Tally(max(1, len(call.prompts)))
+            started: set[int] = set()
+            async for prompt_index, out in self._outputs(call):
+                tally.add(prompt_index, out)
+                if not out.text and out.finish_reason is None:
+                    continue
+                index = prompt_index * n + out.index
+                reason = None if out.finish_reason == "abort" else out.finish_reason
+                if call.endpoint == "chat":
+                    delta = {"content": out.text}
+                    if index not in started:
+                        started.add(index)
+                        delta = {"role": "assistant", "content": out.text}
+                    chunk = chat_chunk(rid, created, model, index, delta, reason,
+                                       call.include_usage)
+                else:
+                    chunk = completion_chunk(rid, created, model, index, out.text, reason,
+                                             call.include_usage)
+                yield _sse(chunk)
+            usage = tally.usage()
+            if call.include_usage:
+                yield _sse(usage_chunk(rid, created, model, call.endpoint, usage))
+            yield StreamEnd(usage)
         finally:
             self._in_flight -= 1
-            await inner.aclose()
-
-    async def _stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
-        rid, created, model = response_id(call.endpoint), call.created, call.model
-        n = call.sampling.n
-        tally = _Tally(max(1, len(call.prompts)))
-        started: set[int] = set()
-        async for prompt_index, out in self._outputs(call):
-            tally.add(prompt_index, out)
-            if not out.text and out.finish_reason is None:
-                continue
-            index = prompt_index * n + out.index
-            reason = None if out.finish_reason == "abort" else out.finish_reason
-            if call.endpoint == "chat":
-                delta = {"content": out.text}
-                if index not in started:
-                    started.add(index)
-                    delta = {"role": "assistant", "content": out.text}
-                chunk = chat_chunk(rid, created, model, index, delta, reason, call.include_usage)
-            else:
-                chunk = completion_chunk(rid, created, model, index, out.text, reason,
-                                         call.include_usage)
-            yield _sse(chunk)
-        usage = tally.usage()
-        if call.include_usage:
-            yield _sse(usage_chunk(rid, created, model, call.endpoint, usage))
-        yield StreamEnd(usage)
 
     async def complete(self, call: GenerateCall) -> dict[str, Any]:
         self._admit()

@@ -132,8 +132,8 @@ def model_deployment_options(model: ModelConfig, memory_resource: bool = False) 
             "upscale_delay_s": 0,
             "downscale_delay_s": 0,
             "downscale_to_zero_delay_s": 0,
-            "look_back_period_s": 2,
-            "metrics_interval_s": 0.5,
+            "look_back_period_s": 30,
+            "metrics_interval_s": 10,
         },
         # The controller drains a model before it stops it; this bounds the stop itself.
         "graceful_shutdown_timeout_s": 5,

@@ -28,9 +28,6 @@ from typing import Any
 logger = logging.getLogger("ray.serve")
 
 _LOOKUP_EVERY_S = 1.0
-# Serve ticks every 0.1 s; reporting every other tick halves the background work on small hosts
-# and costs at most 0.2 s of reaction time against loads that take tens of seconds.
-_EXCHANGE_EVERY_S = 0.2
 # Without an answer for this long, the policy stops steering and Serve keeps its targets.
 _STALE_S = 10.0
 
@@ -42,7 +39,10 @@ class ResidencyPolicy:
         self._pending: Any = None
         self._targets: dict[str, int] = {}
         self._answered_at = -_STALE_S
-        self._sent_at = -_EXCHANGE_EVERY_S
+        self._sent_at = -1.0
+        # The controller says how soon it wants the next report: every Serve tick (0.1 s) while
+        # models load or drain, once a second when nothing changes.
+        self._poll_s = 0.1
 
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, int], dict[Any, Any]]:
         if not contexts:
@@ -71,7 +71,9 @@ class ResidencyPolicy:
                 return
             ref, self._pending = self._pending, None
             try:
-                self._targets = dict(ray.get(ref))
+                answer = ray.get(ref)
+                self._targets = dict(answer["targets"])
+                self._poll_s = float(answer.get("poll_s", 0.1))
                 self._answered_at = time.monotonic()
             except Exception:
                 self._actor = None  # gone or restarting: look it up again
@@ -84,7 +86,7 @@ class ResidencyPolicy:
             if self._actor is None:
                 return
         now = time.monotonic()
-        if now - self._sent_at >= _EXCHANGE_EVERY_S:
+        if now - self._sent_at >= self._poll_s - 0.01:
             self._sent_at = now
             self._pending = self._actor.observe.remote(report)
 

@@ -8,7 +8,7 @@ namespace, its own row in the dashboard's Actors tab) owns the state of every mo
 
 Who talks to it:
 - the ingress: `ensure_ready(model)` before forwarding a request to a model it does not know to be
-  serving (waits, bounded in number and time), and a `heartbeat` every 0.25 s that reports usage
+  serving (waits, bounded in number and time), and a `heartbeat` every 0.5 s that reports usage
   and fetches which models are serving;
 - Serve's controller, through the application's autoscaling policy (serve_app/autoscaling.py):
   `observe` reports the running replicas of every deployment and takes back the desired replica
@@ -55,7 +55,7 @@ NAMESPACE = "roundhouse"
 PROTOCOL_VERSION = 1
 # The ingress trusts a "serving" answer for this long; a model being evicted keeps its replica
 # (refusing new requests) at least this long, so no ingress sends to a stopped deployment.
-INGRESS_LEASE_S = 1.0
+INGRESS_LEASE_S = 1.5
 DRAIN_MIN_S = INGRESS_LEASE_S + 0.5
 # Observations (from the autoscaling policy) older than this are not trusted.
 OBSERVATION_FRESH_S = 3.0
@@ -65,7 +65,11 @@ LOST_GRACE_S = 1.0
 START_GRACE_S = 60.0
 TICK_S = 0.1
 # Without events (requests, reports) the controller still wakes this often for its timers.
-IDLE_TICK_S = 0.25
+IDLE_TICK_S = 1.0
+# How often the autoscaling policy reports: often while something changes, rarely when steady
+# (every report is an actor call, and on a small host that CPU comes out of token generation).
+BUSY_POLL_S = 0.1
+STEADY_POLL_S = 1.0
 _EPS = 1e-6
 
 
@@ -136,7 +140,7 @@ class ResidencyController:
         self._by_deployment: dict[str, str] = {}
         self._observed_at = -math.inf
         self._configured_at = 0.0
-        self._decisions: deque[tuple[float, str]] = deque(maxlen=100)
+        self._decisions: deque[tuple[float, str]] = deque(maxlen=500)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -181,9 +185,9 @@ class ResidencyController:
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def observe(self, report: dict[str, dict[str, int]]) -> dict[str, int]:
+    def observe(self, report: dict[str, dict[str, int]]) -> dict[str, Any]:
         """From the autoscaling policy: running replicas per deployment. Returns the desired
-        replicas per model deployment."""
+        replicas per model deployment and when to report next."""
         now = self._clock()
         self._observed_at = now
         for dep, seen in report.items():
@@ -191,7 +195,10 @@ class ResidencyController:
             if name is not None:
                 self._models[name].running = int(seen.get("current", 0))
         self.reconcile()
-        return {deployment_name(m.name): m.desired for m in self._models.values()}
+        busy = any(m.state in (State.LOADING, State.DRAINING) or m.waiters or m.pending
+                   or m.running != m.desired for m in self._models.values())
+        return {"targets": {deployment_name(m.name): m.desired for m in self._models.values()},
+                "poll_s": BUSY_POLL_S if busy else STEADY_POLL_S}
 
     def heartbeat(self, counts: dict[str, int], busy: list[str]) -> dict[str, Any]:
         """From each ingress replica: requests forwarded per model since the last beat and the
@@ -642,7 +649,7 @@ def _make_actor_class() -> Any:
             self._start()
             return self._core.heartbeat(counts, busy)
 
-        async def observe(self, report: dict[str, dict[str, int]]) -> dict[str, int]:
+        async def observe(self, report: dict[str, dict[str, int]]) -> dict[str, Any]:
             self._start()
             return self._core.observe(report)
 

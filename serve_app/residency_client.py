@@ -1,6 +1,6 @@
 """The ingress side of the residency controller.
 
-Every 0.25 s a heartbeat reports usage (requests per model, models with requests in flight) and
+Every 0.5 s a heartbeat reports usage (requests per model, models with requests in flight) and
 fetches which models are serving. A request for a serving model goes straight to it; any other
 request first awaits `ensure_ready` on the controller, which loads the model (evicting others if
 needed) or answers with a 503. The controller keeps an evicted replica alive, refusing new
@@ -23,7 +23,7 @@ from serve_app.errors import ModelUnavailable, RoundhouseError, unwrap
 
 logger = logging.getLogger("ray.serve.roundhouse")
 
-HEARTBEAT_S = 0.25
+HEARTBEAT_S = 0.5
 
 
 class ResidencyClient:

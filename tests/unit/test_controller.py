@@ -9,6 +9,8 @@ from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from serve_app.autoscaling import decide
 from serve_app.controller import ResidencyController
@@ -68,7 +70,7 @@ class Rig:
     def serve_tick(self) -> dict[str, int]:
         """What Serve does each tick: report replicas, then apply the desired counts."""
         desired = self.core.observe({f"model-{n}": {"current": r, "target": r}
-                                     for n, r in self.running.items()})
+                                     for n, r in self.running.items()})["targets"]
         for dep, want in desired.items():
             name = dep.removeprefix("model-")
             self.running[name] = 0 if name in self.broken else want
@@ -194,3 +196,72 @@ def test_policy_leaves_cold_models_and_unknown_deployments_out() -> None:
     targets = {"model-chat": 1, "model-code": 0, "model-old": 0, "model-new": 1}
     decided = {dep.name: n for dep, n in decide(contexts, targets).items()}
     assert decided == {"model-chat": 1, "model-old": 0, "model-new": 1}
+
+
+OPS = st.lists(st.tuples(st.sampled_from(["ask", "tick", "fail", "busy", "idle"]),
+                         st.sampled_from(["chat", "code", "reasoning", "extra"])),
+               min_size=1, max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(OPS)
+def test_random_demand_never_exceeds_the_budget_or_touches_pinned(ops: list[Any]) -> None:
+    """Whatever arrives in whatever order: the memory of replicas Serve runs never exceeds the
+    budget, the pinned model is never drained, and no model is loaded twice at once."""
+
+    async def run() -> None:
+        clock, actuator = Clock(), FakeActuator()
+        core = ResidencyController(actuator, clock, sleep=lambda _: asyncio.sleep(0))
+        core.configure({"models": [
+            {"name": "chat", "engine": "fake", "memory_gib": 2, "pinned": True},
+            {"name": "code", "engine": "fake", "memory_gib": 2},
+            {"name": "reasoning", "engine": "fake", "memory_gib": 3},
+            {"name": "extra", "engine": "fake", "memory_gib": 1}],
+            "residency": {"gpu_memory_gib": 5, "load_timeout_s": 30}})
+        r = Rig(core, clock, actuator, {"chat": 0, "code": 0, "reasoning": 0, "extra": 0}, set())
+        memory = {"chat": 2, "code": 2, "reasoning": 3, "extra": 1}
+        waiters: list[asyncio.Future[None]] = []
+
+        def check() -> None:
+            status = core.status()
+            assert status["held_gib"] <= 5 + 1e-9
+            assert sum(memory[n] for n, k in r.running.items() if k) <= 5
+            assert status["models"]["chat"]["state"] != "draining"
+
+        for op, model in ops:
+            if op == "ask":
+                waiters.append(asyncio.ensure_future(core.ensure_ready(model)))
+            elif op == "fail":
+                core.model_failed(model, "boom")
+            elif op == "busy":
+                actuator.in_flight_by_model[model] = 1
+            elif op == "idle":
+                actuator.in_flight_by_model[model] = 0
+            for _ in range(5):
+                clock.now += 0.1
+                r.serve_tick()
+                await asyncio.sleep(0)
+                check()
+        actuator.in_flight_by_model.clear()
+        for _ in range(400):
+            if all(w.done() for w in waiters):
+                break
+            clock.now += 0.1
+            r.serve_tick()
+            await asyncio.sleep(0)
+            check()
+        assert all(w.done() for w in waiters), core.status()
+        for w in waiters:
+            if w.exception() is not None:
+                assert isinstance(w.exception(), ModelUnavailable)
+        loading: set[str] = set()
+        for d in core.status()["decisions"]:
+            verb, _, rest = d["message"].partition(" ")
+            name = rest.split(":")[0]
+            if verb == "load":
+                assert name not in loading, f"{name} loaded twice at once"
+                loading.add(name)
+            elif verb in ("ready", "failed", "lost"):
+                loading.discard(name)
+
+    asyncio.run(run())
