@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from serve_app.config import AppConfig
 
 
 def _prepare_models(args: argparse.Namespace) -> int:
@@ -18,13 +22,20 @@ def _prepare_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_config(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace, command: str) -> AppConfig | None:
+    """The config named on the command line, or None after printing why it is invalid."""
     from serve_app.app import load_app_config
 
     try:
-        config = load_app_config(args.config, app=args.app)
+        return load_app_config(args.config, app=args.app)
     except (OSError, ValueError) as exc:
-        print(f"roundhouse check-config: {exc}", file=sys.stderr)
+        print(f"roundhouse {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    config = _load_config(args, "check-config")
+    if config is None:
         return 1
     names = ", ".join(m.name for m in config.models)
     print(f"{args.config}: ok ({len(config.models)} models: {names})")
@@ -41,12 +52,10 @@ def _ray_resources(args: argparse.Namespace) -> int:
     """The `--resources` JSON for `ray start`, so Ray holds the config's memory budget."""
     import json
 
-    from serve_app.app import MEMORY_RESOURCE, load_app_config, memory_mib
+    from serve_app.app import MEMORY_RESOURCE, memory_mib
 
-    try:
-        config = load_app_config(args.config, app=args.app)
-    except (OSError, ValueError) as exc:
-        print(f"roundhouse ray-resources: {exc}", file=sys.stderr)
+    config = _load_config(args, "ray-resources")
+    if config is None:
         return 1
     print(json.dumps({MEMORY_RESOURCE: memory_mib(config.budget_gib)}))
     return 0
