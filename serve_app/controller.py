@@ -618,7 +618,8 @@ class RayActuator:
 def _make_actor_class() -> Any:
     import ray
 
-    @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=10000)
+    @ray.remote(  # type: ignore[call-overload]  # Ray's stubs lack max_concurrency
+        num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=10000)
     class RoundhouseController:
         """The residency controller actor (see the module docstring)."""
 
@@ -680,7 +681,7 @@ def actor_class() -> Any:
 
 
 def get_or_create(app_name: str) -> Any:
-    return actor_class().options(  # type: ignore[no-any-return]
+    return actor_class().options(
         name=controller_name(app_name), namespace=NAMESPACE, lifetime="detached",
         get_if_exists=True).remote(app_name)
 
