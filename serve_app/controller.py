@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from serve_app.config import AppConfig, ModelConfig, deployment_name
+from serve_app.config import AppConfig, ModelConfig, ResidencyConfig, deployment_name
 from serve_app.errors import ModelNotFound, ModelUnavailable
 from serve_app.policy.residency import (
     HOLDING,
@@ -424,7 +424,7 @@ class ResidencyController:
         self._log(f"load {m.name}: {why}; needs {m.config.memory_gib:.1f} GiB, "
                   f"free {self._budget - held:.1f} GiB")
 
-    def _config_residency(self) -> Any:
+    def _config_residency(self) -> ResidencyConfig:
         assert self._config is not None
         return self._config.residency
 
