@@ -243,8 +243,7 @@ class ResidencyController:
         m = self._models.get(model)
         if m is None:
             raise ModelNotFound(f"the model {model!r} does not exist", param="model")
-        assert self._config is not None
-        limits = self._config.residency
+        limits = self._limits
         now = self._clock()
         m.last_used_s = now
         if self._serving(m, now):
@@ -283,9 +282,13 @@ class ResidencyController:
     # --- the state machine ----------------------------------------------------------------------
 
     @property
-    def _half_life(self) -> float:
+    def _limits(self) -> ResidencyConfig:
         assert self._config is not None
-        return self._config.residency.popularity_half_life_s
+        return self._config.residency
+
+    @property
+    def _half_life(self) -> float:
+        return self._limits.popularity_half_life_s
 
     def _fresh(self, now: float) -> bool:
         return now - self._observed_at <= OBSERVATION_FRESH_S
@@ -316,23 +319,28 @@ class ResidencyController:
                 for f in m.waiters:
                     if not f.done():
                         f.set_result(None)
-        idle = self._config.residency.idle_timeout_s
+        idle = self._limits.idle_timeout_s
         if idle is not None:
             for m in self._models.values():
+                unused_s = now - max(m.last_used_s, m.since)
                 if (m.state == State.ACTIVE and not m.config.pinned and not m.waiters
-                        and now - max(m.last_used_s, m.since) > idle):
-                    self._start_drain(m, f"stop {m.name}: idle for "
-                                         f"{now - max(m.last_used_s, m.since):.0f} s")
+                        and unused_s > idle):
+                    self._start_drain(m, f"stop {m.name}: idle for {unused_s:.0f} s")
         wanted = [m for m in self._models.values()
                   if m.state in (State.COLD, State.FAILED) and m.retry_at <= now
-                  and (m.waiters or m.config.pinned or m.preload)]
+                  and self._wanted(m)]
         wanted.sort(key=lambda m: (not m.config.pinned, not m.preload,
                                    m.first_wait if m.waiters else math.inf))
         for m in wanted:
             self._try_load(m, now)
         for m in self._models.values():
-            if m.pending and not (m.waiters or m.config.pinned or m.preload):
+            if m.pending and not self._wanted(m):
                 m.pending, m.blocked = False, ""
+
+    @staticmethod
+    def _wanted(m: _Model) -> bool:
+        """Requests wait for it, or it belongs loaded (pinned, or preloaded and not yet up)."""
+        return bool(m.waiters) or m.config.pinned or m.preload
 
     def _observe_transitions(self, m: _Model, now: float, fresh: bool) -> None:
         if m.state == State.LOADING:
@@ -412,7 +420,7 @@ class ResidencyController:
             m.blocked = (f"waiting for accelerator memory: {m.name} needs "
                          f"{m.config.memory_gib:.1f} GiB, the device has {free_gpu:.1f} GiB free")
             self._log_once(m, f"wait {m.name}: {m.blocked}")
-            if m.waiters and now - m.first_wait > self._config_residency().memory_probe_timeout_s:
+            if m.waiters and now - m.first_wait > self._limits.memory_probe_timeout_s:
                 self._fail_waiters(m, ModelUnavailable(
                     f"model {m.name} cannot load: {m.blocked} after "
                     f"{now - m.first_wait:.0f} s", retry_after_s=30))
@@ -424,12 +432,8 @@ class ResidencyController:
         self._log(f"load {m.name}: {why}; needs {m.config.memory_gib:.1f} GiB, "
                   f"free {self._budget - held:.1f} GiB")
 
-    def _config_residency(self) -> ResidencyConfig:
-        assert self._config is not None
-        return self._config.residency
-
     def _fail(self, m: _Model, error: str) -> None:
-        limits = self._config_residency()
+        limits = self._limits
         m.failures += 1
         backoff = failure_backoff_s(m.failures, limits.failure_backoff_s,
                                     limits.max_failure_backoff_s)
@@ -457,7 +461,7 @@ class ResidencyController:
         m.drain_task = asyncio.get_running_loop().create_task(self._drain(m))
 
     async def _drain(self, m: _Model) -> None:
-        limits = self._config_residency()
+        limits = self._limits
         started = self._clock()
         try:
             with contextlib.suppress(Exception):
@@ -663,9 +667,6 @@ def _make_actor_class() -> Any:
 
         async def status(self) -> dict[str, Any]:
             return self._core.status()
-
-        async def version(self) -> int:
-            return PROTOCOL_VERSION
 
     return RoundhouseController
 
