@@ -83,6 +83,57 @@ class ResidencyConfig(_Strict):
     popularity_half_life_s: Annotated[float, Field(gt=0)] = 300.0
 
 
+RULE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,62}$"
+# Rule names the router gives its own decisions.
+RESERVED_RULE_NAMES = ("explicit", "default")
+
+
+class RouteWhen(_Strict):
+    """Conditions of one routing rule; all that are set must hold (see policy/routing.py)."""
+
+    endpoint: Literal["chat", "completions"] | None = None
+    quality: Literal["high", "standard"] | None = None
+    code: bool | None = None
+    # Detected code in one of these languages (python, javascript, typescript, go, rust, java,
+    # kotlin, c, cpp, csharp, sql, shell, dockerfile, kubernetes, yaml, terraform, ...).
+    languages: Annotated[list[str], Field(min_length=1)] | None = None
+    reasoning: bool | None = None
+    min_turns: Annotated[int, Field(ge=0)] | None = None
+    max_turns: Annotated[int, Field(ge=0)] | None = None
+    min_prompt_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_prompt_tokens: Annotated[int, Field(ge=0)] | None = None
+    # Any of these words or phrases in the last user message / the system prompt
+    # (whole words, case-insensitive).
+    keywords: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list)
+    system_keywords: list[Annotated[str, Field(min_length=1, max_length=100)]] = Field(
+        default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_languages(self) -> RouteWhen:
+        from serve_app.policy.signals import KNOWN_LANGUAGES
+
+        unknown = sorted(set(self.languages or ()) - KNOWN_LANGUAGES)
+        if unknown:
+            raise ValueError(f"unknown languages {unknown}; known: "
+                             f"{', '.join(sorted(KNOWN_LANGUAGES))}")
+        return self
+
+
+class RouteRule(_Strict):
+    name: Annotated[str, Field(pattern=RULE_NAME_PATTERN)]
+    model: str
+    when: RouteWhen = Field(default_factory=RouteWhen)
+
+
+class RoutingConfig(_Strict):
+    """Where `"model": "auto"` goes: rules in order, first match wins, then `default_model`."""
+
+    rules: list[RouteRule] = Field(default_factory=list)
+    # When a model is failed or cannot be loaded, serve its requests with this one instead.
+    fallbacks: dict[str, str] = Field(default_factory=dict)
+
+
 class IngressConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_BODY_BYTES
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
@@ -91,8 +142,9 @@ class IngressConfig(_Strict):
 
 class AppConfig(_Strict):
     models: Annotated[list[ModelConfig], Field(min_length=1)]
-    # Where `"model": "auto"` (and a missing model) goes until the routing rules exist.
+    # Where `"model": "auto"` (and a missing model) goes when no routing rule matches.
     default_model: str | None = None
+    routing: RoutingConfig = Field(default_factory=RoutingConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
 
@@ -115,7 +167,25 @@ class AppConfig(_Strict):
                 f"default_model {self.default_model!r} is not one of the models: "
                 f"{', '.join(m.name for m in self.models)}"
             )
+        self._check_routing(seen)
         return self
+
+    def _check_routing(self, names: dict[str, str]) -> None:
+        rule_names: set[str] = set()
+        for rule in self.routing.rules:
+            if rule.name in RESERVED_RULE_NAMES or rule.name in rule_names:
+                raise ValueError(f"routing rule name {rule.name!r} is reserved or used twice")
+            rule_names.add(rule.name)
+            if rule.model not in names:
+                raise ValueError(f"routing rule {rule.name!r}: model {rule.model!r} is not one "
+                                 f"of the models or aliases: {', '.join(names)}")
+        for source, target in self.routing.fallbacks.items():
+            for name in (source, target):
+                if name not in names:
+                    raise ValueError(f"routing.fallbacks: {name!r} is not one of the models or "
+                                     f"aliases: {', '.join(names)}")
+            if names[source] == names[target]:
+                raise ValueError(f"routing.fallbacks: {source!r} cannot fall back to itself")
 
     @property
     def budget_gib(self) -> float:

@@ -65,15 +65,6 @@ def _request_id(request: Request) -> str:
     return uuid.uuid4().hex
 
 
-def _validation_message(exc: ValidationError) -> tuple[str, str | None]:
-    first = exc.errors(include_url=False)[0]
-    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "str",
-                                                                          "list["))]
-    param = ".".join(loc) or None
-    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    return (f"{param}: {msg}" if param else msg), param
-
-
 # A request the evicted replica turned away goes through the controller again, this often.
 _MAX_ATTEMPTS = 3
 
@@ -165,7 +156,7 @@ class Ingress:
         try:
             return schema.model_validate(body)
         except ValidationError as exc:
-            message, param = _validation_message(exc)
+            message, param = validation_message(exc)
             raise BadRequest(message, param=param) from None
 
     async def _chat(self, request: Request, request_id: str) -> Response:

@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
@@ -63,6 +63,8 @@ class _SamplingFields(_Request):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     user: str | None = None
+    # Free-form; Roundhouse reads `quality` ("high" | "standard") from it for routing.
+    metadata: dict[str, Any] | None = None
     # vLLM extensions, accepted as vLLM's own OpenAI server accepts them.
     top_k: Annotated[int, Field(ge=-1)] | None = None
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
@@ -102,7 +104,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool | None = None
     tools: list[Any] | None = None
     response_format: dict[str, Any] | None = None
-    metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
     def _check_unsupported(self) -> ChatCompletionRequest:
@@ -143,6 +144,16 @@ class CompletionRequest(_SamplingFields):
 
     def output_limit(self) -> int | None:
         return self.max_tokens
+
+
+def validation_message(exc: ValidationError) -> tuple[str, str | None]:
+    """A one-line message and the offending parameter of a request validation error."""
+    first = exc.errors(include_url=False)[0]
+    loc = [str(p) for p in first.get("loc", ()) if not str(p).startswith(("function-", "str",
+                                                                          "list["))]
+    param = ".".join(loc) or None
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    return (f"{param}: {msg}" if param else msg), param
 
 
 # --- what the ingress hands a model replica -------------------------------------------------
