@@ -7,107 +7,25 @@ settings as `args`; they are validated here before any replica starts.
 from __future__ import annotations
 
 import logging
-import math
-from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
 from ray.serve import Application
 
 from deployments.model_server import ModelServer
-from serve_app.config import AppConfig, ModelConfig, deployment_name
+from serve_app.config import (  # noqa: F401  (re-exported: the config helpers' old home)
+    MEMORY_RESOURCE,
+    AppConfig,
+    ConfigError,
+    ModelConfig,
+    deployment_name,
+    load_app_config,
+    memory_mib,
+    memory_plan_problems,
+    parse_app_config,
+)
 from serve_app.ingress import IngressDeployment
-from serve_app.policy.residency import ModelSpec, check_memory_plan
 
 logger = logging.getLogger("ray.serve.roundhouse")
-
-# A Ray custom resource standing for accelerator memory on CPU hosts: when the cluster offers it
-# (`make serve` starts Ray with it), each CPU model replica asks for its memory_gib of it, so Ray
-# itself does not start a model before an evicted one has exited. On GPU hosts the fractional
-# num_gpus does the same.
-MEMORY_RESOURCE = "roundhouse_memory_mib"
-
-
-def memory_mib(gib: float) -> int:
-    """Ray wants whole resource quantities; MiB are fine-grained enough."""
-    return int(math.ceil(gib * 1024))
-# vLLM's gpu_memory_utilization and Ray's num_gpus are fractions of the same device.
-_SHARE_TOLERANCE = 0.01
-
-
-class ConfigError(ValueError):
-    """The app args are invalid; the message says which setting and why."""
-
-
-def parse_app_config(args: dict[str, Any]) -> AppConfig:
-    try:
-        config = AppConfig.model_validate(args)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'args'}: "
-            f"{str(err['msg']).removeprefix('Value error, ')}"
-            for err in exc.errors(include_url=False)
-        )
-        raise ConfigError(f"invalid Roundhouse config: {problems}") from None
-    from deployments.vllm_engine import check_engine_kwargs
-
-    for model in config.models:
-        unknown = check_engine_kwargs(model.engine_kwargs) if model.engine == "vllm" else []
-        if unknown:
-            raise ConfigError(f"invalid Roundhouse config: model {model.name!r}: unknown vLLM "
-                              f"engine_kwargs: {', '.join(unknown)}")
-    problems = memory_plan_problems(config)
-    if problems:
-        raise ConfigError("memory plan does not hold: " + "; ".join(problems))
-    return config
-
-
-def memory_plan_problems(config: AppConfig) -> list[str]:
-    """The memory plan, checked before anything starts: pinned models plus the largest on-demand
-    model fit the budget, and on GPU each model's memory_gib, its Ray num_gpus share of the
-    device and vLLM's gpu_memory_utilization say the same thing."""
-    budget = config.budget_gib
-    specs = {m.name: ModelSpec(m.name, m.memory_gib, m.pinned) for m in config.models}
-    problems = check_memory_plan(specs, budget)
-    on_gpu = [m for m in config.models if m.num_gpus > 0]
-    if on_gpu and config.residency.gpu_memory_gib is None:
-        problems.append("models use num_gpus, so residency.gpu_memory_gib (the device's "
-                        "memory) must be set")
-        return problems
-    if on_gpu and len(on_gpu) != len(config.models):
-        cpu = ", ".join(m.name for m in config.models if m.num_gpus == 0)
-        problems.append(f"some models use num_gpus and others ({cpu}) do not; put all of them "
-                        "on the accelerator or none")
-    for m in on_gpu:
-        share_gib = m.num_gpus * budget
-        if abs(share_gib - m.memory_gib) > _SHARE_TOLERANCE * budget:
-            problems.append(
-                f"{m.name}: num_gpus {m.num_gpus} x {budget:.1f} GiB = {share_gib:.1f} GiB, but "
-                f"memory_gib is {m.memory_gib:.1f} GiB; set num_gpus to "
-                f"{m.memory_gib / budget:.3f}")
-        if m.engine == "vllm":
-            util = m.engine_kwargs.get("gpu_memory_utilization")
-            if util is None:
-                problems.append(f"{m.name}: set engine_kwargs.gpu_memory_utilization to "
-                                f"{m.num_gpus} (vLLM would take 90% of the device)")
-            elif abs(float(util) - m.num_gpus) > _SHARE_TOLERANCE:
-                problems.append(f"{m.name}: gpu_memory_utilization {util} differs from "
-                                f"num_gpus {m.num_gpus}")
-    return problems
-
-
-def load_app_config(path: str | Path, app: str | None = None) -> AppConfig:
-    """The validated args of one application in a Serve config file."""
-    document = yaml.safe_load(Path(path).read_text())
-    apps = (document or {}).get("applications") or []
-    if not apps:
-        raise ConfigError(f"{path}: no applications")
-    chosen = next((a for a in apps if app is None or a.get("name") == app), None)
-    if chosen is None:
-        raise ConfigError(f"{path}: no application named {app!r}")
-    return parse_app_config(chosen.get("args") or {})
-
 
 def model_deployment_options(model: ModelConfig, memory_resource: bool = False) -> dict[str, Any]:
     actor_options: dict[str, Any] = {

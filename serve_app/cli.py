@@ -22,12 +22,13 @@ def _prepare_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_config(args: argparse.Namespace, command: str) -> AppConfig | None:
+def _load_config(args: argparse.Namespace, command: str,
+                 check_engine: bool = True) -> AppConfig | None:
     """The config named on the command line, or None after printing why it is invalid."""
-    from serve_app.app import load_app_config
+    from serve_app.config import load_app_config
 
     try:
-        return load_app_config(args.config, app=args.app)
+        return load_app_config(args.config, app=args.app, check_engine=check_engine)
     except (OSError, ValueError) as exc:
         print(f"roundhouse {command}: {exc}", file=sys.stderr)
         return None
@@ -52,13 +53,47 @@ def _ray_resources(args: argparse.Namespace) -> int:
     """The `--resources` JSON for `ray start`, so Ray holds the config's memory budget."""
     import json
 
-    from serve_app.app import MEMORY_RESOURCE, memory_mib
+    from serve_app.config import MEMORY_RESOURCE, memory_mib
 
     config = _load_config(args, "ray-resources")
     if config is None:
         return 1
     print(json.dumps({MEMORY_RESOURCE: memory_mib(config.budget_gib)}))
     return 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    """Routing decisions for request bodies on stdin (JSON Lines), without loading any model."""
+    import json
+
+    from serve_app.errors import RoundhouseError
+    from serve_app.router import build_router, decide_body
+
+    config = _load_config(args, "route", check_engine=False)
+    if config is None:
+        return 1
+    router = build_router(config)
+    failures = 0
+    for number, line in enumerate(sys.stdin, 1):
+        if not line.strip():
+            continue
+        try:
+            body = json.loads(line)
+            if not isinstance(body, dict):
+                raise ValueError("each line must be a JSON object (a request body)")
+            decision = decide_body(router, body, args.endpoint, args.quality)
+            out = {"line": number, **decision.as_dict(),
+                   "fallback": router.fallback(decision.model)}
+        except RoundhouseError as exc:
+            failures += 1
+            out = {"line": number, "error": exc.message, "param": exc.param}
+        except (ValueError, RecursionError) as exc:
+            failures += 1
+            out = {"line": number, "error": f"not a JSON object: {exc}", "param": None}
+        print(json.dumps(out, ensure_ascii=False), flush=True)
+    if failures:
+        print(f"roundhouse route: {failures} line(s) could not be routed", file=sys.stderr)
+    return 1 if failures else 0
 
 
 def _wait_ready(args: argparse.Namespace) -> int:
@@ -115,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("config")
     res.add_argument("--app", default=None, help="application name (default: the first)")
     res.set_defaults(func=_ray_resources)
+    route = sub.add_parser(
+        "route", help="print the routing decision for each request body read from stdin",
+        description="Reads request bodies (JSON Lines, one per line) on stdin and prints one "
+                    "routing decision per line as JSON, without loading any model.")
+    route.add_argument("--config", required=True, help="a Serve config file")
+    route.add_argument("--app", default=None, help="application name (default: the first)")
+    route.add_argument("--endpoint", default=None,
+                       help="/v1/chat/completions or /v1/completions (default: inferred from "
+                            "each body: 'messages' or 'prompt')")
+    route.add_argument("--quality", default=None, choices=["high", "standard"],
+                       help="as if every request carried X-Roundhouse-Quality")
+    route.set_defaults(func=_route)
     wait = sub.add_parser("wait-ready", help="wait until the deployed app serves requests")
     wait.add_argument("--url", default="http://127.0.0.1:8000")
     wait.add_argument("--app", default="roundhouse")

@@ -112,7 +112,7 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
-def _is_replica_lost(exc: BaseException) -> bool:
+def is_replica_lost(exc: BaseException) -> bool:
     names = {cls.__name__ for cls in type(exc).__mro__}
     return bool(names & {"ActorDiedError", "ActorUnavailableError", "RayActorError",
                          "WorkerCrashedError", "DeploymentUnavailableError"})
@@ -126,7 +126,7 @@ def error_payload(exc: BaseException, request_id: str) -> tuple[int, dict[str, A
         status, etype, code, message, param = exc.status, exc.type, exc.code, exc.message, exc.param
         if exc.retry_after_s is not None:
             headers["retry-after"] = str(max(1, round(exc.retry_after_s)))
-    elif _is_replica_lost(exc):
+    elif is_replica_lost(exc):
         status, etype, code, param = 503, "service_unavailable", "model_unavailable", None
         message = "the model replica serving this request stopped; retry the request"
         headers["retry-after"] = "5"

@@ -7,6 +7,7 @@ SSE-ready lines, so streaming here is forwarding strings.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -26,11 +27,14 @@ from serve_app.errors import (
     MethodNotAllowed,
     ModelDraining,
     ModelNotFound,
+    ModelUnavailable,
     NotFound,
     PayloadTooLarge,
     error_payload,
+    is_replica_lost,
     unwrap,
 )
+from serve_app.policy.routing import RouteDecision
 from serve_app.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -39,8 +43,10 @@ from serve_app.protocol import (
     call_from_chat,
     call_from_completion,
     model_card,
+    validation_message,
 )
 from serve_app.residency_client import ResidencyClient
+from serve_app.router import QUALITY_HEADER, build_router, decide, parse_body, route_input
 
 logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
@@ -75,6 +81,7 @@ class Ingress:
         self._residency = ResidencyClient(serve.get_replica_context().app_name, config)
         await self._residency.start()
         self._names = self._config.lookup()
+        self._router = build_router(self._config)
         self._handles = dict(models)
         self._stream_handles = {name: h.options(stream=True) for name, h in models.items()}
         self._max_body = self._config.ingress.max_body_bytes
@@ -83,6 +90,7 @@ class Ingress:
             "/v1/chat/completions": {"POST": self._chat},
             "/v1/completions": {"POST": self._completions},
             "/v1/models": {"GET": self._models},
+            "/v1/route": {"POST": self._route},
             "/health": {"GET": self._health},
         }
 
@@ -93,11 +101,17 @@ class Ingress:
             response = await self._dispatch(request, request_id)
         except Exception as exc:
             status, body, headers = error_payload(exc, request_id)
+            route: RouteDecision | None = getattr(request.state, "route", None)
+            if route is not None:
+                headers = {**route.headers(), **headers}
             response = _json_response(body, status, headers)
         if request.url.path != "/health":
-            logger.info("request %s %s %s -> %d in %.1f ms", request_id, request.method,
+            route = getattr(request.state, "route", None)
+            # The decision's reason names features and scores, never the request's text.
+            logger.info("request %s %s %s -> %d in %.1f ms%s", request_id, request.method,
                         request.url.path, response.status_code,
-                        (time.perf_counter() - started) * 1000)
+                        (time.perf_counter() - started) * 1000,
+                        _route_log(route) if route is not None else "")
         return response
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
@@ -139,16 +153,6 @@ class Ingress:
             raise BadRequest("request body must be a JSON object")
         return parsed
 
-    def _resolve_model(self, requested: str) -> str:
-        if requested == "auto":
-            return self._config.default
-        name = self._names.get(requested)
-        if name is None:
-            raise ModelNotFound(
-                f"the model {requested!r} does not exist; available: "
-                f"{', '.join(['auto', *self._names])}", param="model")
-        return name
-
     # --- endpoints ------------------------------------------------------------------------
 
     async def _parse(self, request: Request, schema: type[_Body]) -> _Body:
@@ -159,30 +163,56 @@ class Ingress:
             message, param = validation_message(exc)
             raise BadRequest(message, param=param) from None
 
+    def _decide(self, request: Request, parsed: ChatCompletionRequest | CompletionRequest
+                ) -> RouteDecision:
+        decision = decide(self._router,
+                          route_input(parsed, request.headers.get(QUALITY_HEADER)))
+        request.state.route = decision
+        return decision
+
     async def _chat(self, request: Request, request_id: str) -> Response:
         parsed = await self._parse(request, ChatCompletionRequest)
-        model = self._resolve_model(parsed.model)
-        return await self._generate(call_from_chat(parsed, model, request_id))
+        decision = self._decide(request, parsed)
+        return await self._serve(request, call_from_chat(parsed, decision.model, request_id))
 
     async def _completions(self, request: Request, request_id: str) -> Response:
         parsed = await self._parse(request, CompletionRequest)
-        model = self._resolve_model(parsed.model)
-        return await self._generate(call_from_completion(parsed, model, request_id))
+        decision = self._decide(request, parsed)
+        return await self._serve(request,
+                                 call_from_completion(parsed, decision.model, request_id))
 
-    async def _generate(self, call: GenerateCall) -> Response:
+    async def _serve(self, request: Request, call: GenerateCall) -> Response:
+        """Generates with the routed model, or with its configured fallback when the routed
+        model is failed or cannot be loaded (before anything was sent to the client)."""
+        decision: RouteDecision = request.state.route
+        try:
+            return await self._generate(call, decision)
+        except Exception as exc:
+            cause = unwrap(exc)
+            fallback = self._router.fallback(call.model)
+            if fallback is None or not (isinstance(cause, ModelUnavailable)
+                                        or is_replica_lost(cause)):
+                raise
+            why = cause.message if isinstance(cause, ModelUnavailable) else "replica lost"
+            decision = decision.with_fallback(fallback, why)
+            request.state.route = decision
+            logger.warning("request %s: %s unavailable, serving with fallback %s",
+                           call.request_id, call.model, fallback)
+            return await self._generate(dataclasses.replace(call, model=fallback), decision)
+
+    async def _generate(self, call: GenerateCall, decision: RouteDecision) -> Response:
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             # Loads the model first if it is cold (waiting, bounded) or refuses with a 503.
             await self._residency.ready(call.model)
             try:
-                return await self._forward(call)
+                return await self._forward(call, decision.headers())
             except Exception as exc:
                 if not isinstance(unwrap(exc), ModelDraining) or attempt == _MAX_ATTEMPTS:
                     raise
                 self._residency.invalidate(call.model)
         raise AssertionError("unreachable")
 
-    async def _forward(self, call: GenerateCall) -> Response:
-        headers = {"x-roundhouse-model": call.model}
+    async def _forward(self, call: GenerateCall, headers: dict[str, str]) -> Response:
         if not call.stream:
             with self._residency.busy(call.model):
                 result = await self._handles[call.model].complete.remote(call)
@@ -228,6 +258,18 @@ class Ingress:
             if not finished:
                 stream.cancel()  # client went away: abort the engine request
 
+    async def _route(self, request: Request, request_id: str) -> Response:
+        """Dry run: the routing decision for a chat or completions body, nothing generated.
+        `?endpoint=/v1/completions` picks the endpoint; by default `messages` or `prompt`
+        tells it."""
+        body = await self._read_json(request)
+        parsed = parse_body(body, request.query_params.get("endpoint"))
+        decision = decide(self._router,
+                          route_input(parsed, request.headers.get(QUALITY_HEADER)))
+        result = decision.as_dict()
+        result["fallback"] = self._router.fallback(decision.model)
+        return _json_response(result, headers=decision.headers())
+
     async def _models(self, request: Request, request_id: str) -> Response:
         cards = [model_card(m.name, self._created, m.model or m.name)
                  for m in self._config.models]
@@ -242,6 +284,15 @@ class Ingress:
 
     async def _health(self, request: Request, request_id: str) -> Response:
         return _json_response({"status": "ok"})
+
+
+def _route_log(route: RouteDecision) -> str:
+    parts = f" model={route.model} rule={route.rule}"
+    if route.language:
+        parts += f" language={route.language}"
+    if route.fallback_from:
+        parts += f" fallback_from={route.fallback_from}"
+    return f'{parts} reason="{route.reason}"'
 
 
 IngressDeployment = serve.deployment(Ingress, name="ingress")

@@ -457,12 +457,12 @@ def _structure(t: Text) -> str | None:
         return "fenced block"
     if _has_trace(t):
         return "error trace"
+    if _has_sql(raw):
+        return "SQL statement"
     if _CODE_CHARS.isdisjoint(raw):
         return None  # prose without any of these characters has none of what follows
     if "\n" in raw and any(start in raw for start in _DIFF_LINE_STARTS):
         return "diff"
-    if _has_sql(raw):
-        return "SQL statement"
     if _code_lines(t, 2) + min(sum(1 for op in _OPERATORS if op in raw), 2) >= 2:
         return "code lines"
     return None
