@@ -245,12 +245,12 @@ def parse_app_config(args: dict[str, Any], check_engine: bool = True) -> AppConf
     try:
         config = AppConfig.model_validate(args)
     except ValidationError as exc:
-        problems = "; ".join(
+        details = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or 'args'}: "
             f"{str(err['msg']).removeprefix('Value error, ')}"
             for err in exc.errors(include_url=False)
         )
-        raise ConfigError(f"invalid Roundhouse config: {problems}") from None
+        raise ConfigError(f"invalid Roundhouse config: {details}") from None
     from deployments.vllm_engine import check_engine_kwargs
 
     for model in config.models if check_engine else ():

@@ -134,9 +134,9 @@ def prepare_smollm2(force: bool = False) -> PreparedModel:
         config = quantized.config
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
-        config.torch_dtype = torch.bfloat16
+        config.torch_dtype = torch.bfloat16  # type: ignore[misc]
         _progress(f"{SMOLLM2_NAME}: converting weights to bfloat16 (2/3)")
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(config).to(torch.bfloat16)  # type: ignore[no-untyped-call, arg-type]
         model.load_state_dict(quantized.state_dict(), strict=False)
         if getattr(config, "tie_word_embeddings", False):
             model.tie_weights()

@@ -217,6 +217,8 @@ _CODE_STARTS = (
 _WEAK_STARTS = ("for ", "if ", "while ", "return", "from ", "let ", "var ", "class ", "with ",
                 "type ", "use ", "try:", "except", "else", "case ", "switch", "cd ", "curl ",
                 "export ", "-- ", "FROM ", "#", "<")
+_CODE_LINES_EXACT = frozenset({"return", "break", "continue", "pass", "else:", "try:", "end",
+                               "fi", "done", "esac", "};", "})", "});", "*/", "else {"})
 _CODE_ENDS = (":", ";", "{", "}", ")", "(", ",", "=>", "]", "[", "\\")
 _OPERATORS = ("=>", "::", "!=", "==", "&&", "||", "+=", ":=", "){", ") {", "->", "<-", "===")
 
@@ -230,7 +232,7 @@ def _code_lines(t: Text, enough: int) -> int:
         stripped = line.strip()
         if not stripped:
             continue
-        if stripped.startswith(_CODE_STARTS):
+        if stripped.startswith(_CODE_STARTS) or stripped in _CODE_LINES_EXACT:
             count += 1
         elif stripped.startswith(_WEAK_STARTS) and (
                 stripped.endswith(_CODE_ENDS) or "(" in stripped or " = " in stripped):
