@@ -45,7 +45,7 @@ QUALITY_LEVELS = ("high", "standard")
 AUTO = "auto"
 
 # Scan budget per part of the request, in characters (head + tail of longer texts).
-_LAST_WINDOW = 2400
+_LAST_WINDOW = 1600
 _CONTEXT_WINDOW = 400
 _CONTEXT_MESSAGES = 3
 # Earlier turns and the system prompt count at this weight, up to this much.
@@ -300,9 +300,10 @@ def detect(inp: RouteInput) -> Signals:
     reasoning = score_reasoning(last) if not code.structural else Score()
     own_code = code.score
     context: Text | None = None
-    # Code pasted in the last message decides whatever came before; otherwise earlier turns
+    # A last message that is code or reasoning on its own decides; otherwise earlier turns
     # and the system prompt add their bounded share.
-    if not code.structural and len(messages) > 1:
+    decided = code.score >= THRESHOLD or reasoning.score >= THRESHOLD
+    if not decided and len(messages) > 1:
         # The system prompt and the latest earlier turns, read as one text.
         earlier = [_window(text, _CONTEXT_WINDOW) for i, (role, text) in enumerate(messages)
                    if i != last_index and role != "tool"]

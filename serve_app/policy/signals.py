@@ -53,10 +53,18 @@ _PUNCTUATION = "".join(chr(c) for c in range(33, 127) if not chr(c).isalnum() an
 _TO_SPACES = bytes.maketrans(_PUNCTUATION.encode(), b" " * len(_PUNCTUATION))
 
 
+_CJK_CHAR = re.compile(f"[{_CJK}]")
+# Punctuation beyond ASCII that separates words.
+_UNICODE_PUNCTUATION = "«»„“”‘’‚‹›¿¡—–…·•、。，！？：；（）【】「」『』《》〈〉"
+_TO_SPACES_TEXT = str.maketrans({c: " " for c in _PUNCTUATION + _UNICODE_PUNCTUATION})
+
+
 def tokenize(low: str) -> list[str]:
     if low.isascii():
         return low.encode().translate(_TO_SPACES).decode().split()
-    return _TOKEN.findall(low)
+    if _CJK_CHAR.search(low):
+        return _TOKEN.findall(low)
+    return low.translate(_TO_SPACES_TEXT).split()
 
 
 class Text:
@@ -767,10 +775,6 @@ must start|refuse to|refuses to|has to|have to|need to|needs to|valid|limited|ca
 _OPTIMIZE = _feature("optimize", """
 maximize|maximise|minimize|minimise|optimize|optimise|optimal
 best possible|fewest|shortest|cheapest|most efficient|per dollar""")
-_OBJECTIVE = re.compile(
-    r"\b(?:maximi[sz]e|minimi[sz]e|optimi[sz]e) (?:the )?(?:total |overall |expected )?"
-    r"(?:cost|costs|profit|revenue|time|distance|number|risk|waste|lateness|delay|throughput|"
-    r"utility|return|value)\b")
 _TRADEOFF = _feature("tradeoff", """
 trade off|trade offs|tradeoff|tradeoffs|pros and cons|weigh it|weigh the
 weigh up|weigh my|weigh our|weigh them|weighing the|cost benefit|break even|breakeven
@@ -778,7 +782,27 @@ which option|which approach|which plan|which strategy|which offer|which choice|w
 which has a higher|which has higher|which has a lower|which gives|which yields|better deal
 better option|better investment|opportunity cost|expected return|decision matrix|rent or buy
 lease or buy""")
-_SHOULD_OR = re.compile(r"\bshould (?:i|we) .{0,80}\bor\b")
+
+_OPTIMIZE_VERBS = ("maximize", "maximise", "minimize", "minimise", "optimize", "optimise")
+_OBJECTIVES = frozenset("""
+cost costs profit revenue time distance number risk waste lateness delay throughput utility
+return value
+""".split())
+
+
+def _has_objective(t: Text) -> bool:
+    """'minimize the total cost', 'maximise profit': an optimisation with its objective."""
+    for verb in _OPTIMIZE_VERBS:
+        for i in _occurrences(t.norm, f" {verb} ", 4):
+            if _OBJECTIVES.intersection(t.norm[i:i + 80].split()[1:5]):
+                return True
+    return False
+
+
+def _should_or(low: str) -> bool:
+    """'should we rent or buy', 'should I take the offer or stay'."""
+    return any(" or " in low[i:i + 100] for start in ("should i ", "should we ")
+               for i in _occurrences(low, start, 4))
 
 
 _SENTENCE_ENDS = tuple(".!?:;。！？\n")
@@ -904,9 +928,9 @@ def score_reasoning(t: Text) -> Score:
     elif constraints >= 2:
         s.add(min(constraints, 3) * 0.5, "constraints")
     if _OPTIMIZE in hits:
-        s.add(2.0 if _OBJECTIVE.search(low) else 1.0, "optimization")
+        s.add(2.0 if _has_objective(t) else 1.0, "optimization")
     if _TRADEOFF in hits or (("should i" in low or "should we" in low)
-                             and _SHOULD_OR.search(low)):
+                             and _should_or(low)):
         s.add(2.0, "trade-off")
         if numbers >= 3:
             s.add(1.5, "with figures")
