@@ -276,6 +276,18 @@ def _has_trace(t: Text) -> bool:
     return False
 
 
+_CODE_SYMBOLS = frozenset("[]{}\\|$@;<>`#&_")
+
+
+def _symbol_dense(raw: str) -> bool:
+    """A word with four or more code symbols: a regex, a selector, a template, a glob."""
+    if sum(raw.count(c) for c in "[]{}\\$") < 4:
+        return False
+    return any(len(word) >= 8 and sum(1 for c in word if c in _CODE_SYMBOLS) >= 4
+               and not word.startswith(("http", "www"))
+               for word in raw.split())
+
+
 def _has_sql(raw: str) -> bool:
     if "SELECT " in raw:
         select = raw.find("SELECT ")
@@ -368,8 +380,16 @@ _TECH = frozenset("""
 python javascript js typescript ts java kotlin rust golang go c cpp csharp ruby php swift
 scala sql tsql bash zsh powershell shell mysql postgres postgresql sqlite mongodb redis react
 vue angular django flask fastapi node nodejs express spring rails laravel pandas numpy docker
-kubernetes k8s terraform git curl nginx vba haskell boot elixir perl lua dart flutter net css html
+kubernetes k8s terraform git curl nginx vba haskell boot linux unix pytest jest junit
+mocha rspec cypress selenium jupyter elixir perl lua dart flutter net css html
 tailwind sass ansible jenkins aws gcp azure jupyter tensorflow pytorch sklearn matlab r regex
+""".split())
+# Names that mean programming whatever the sentence (unlike python, java, go, rust, ruby).
+_TECH_NAMES = frozenset("""
+typescript javascript golang cpp csharp mysql postgres postgresql sqlite mongodb redis
+django fastapi nodejs laravel numpy docker kubernetes k8s kubectl terraform nginx tailwind
+ansible jenkins jupyter tensorflow pytorch sklearn regex pytest jest junit dockerfile graphql
+webpack npm linux powershell github gitlab vscode html css json yaml
 """.split())
 _PREPOSITIONS = frozenset("in with using via en con mit avec em на в".split())
 _TECH_NOUNS = frozenset("""
@@ -380,7 +400,10 @@ object objects method methods file files error errors exception exceptions synta
 developer engineer programmer version query queries table tables container containers image
 images command commands repo repos branch branches component components hook hooks route
 routes endpoint endpoints test tests type types generics interface interfaces struct structs
-decorator decorators funktion fonction función notebook server api
+decorator decorators funktion fonction función notebook server api deployment deployments
+cluster clusters pod pods service services namespace manifest config setup install
+installation build builds job jobs pipeline workflow instance bucket database index schema
+migration migrations model models query controller view views template templates
 """.split())
 _TOOL_PLACES = _feature("tool_places", """
 in the terminal|using the terminal|from the terminal|in a terminal
@@ -473,6 +496,8 @@ def _structure(t: Text) -> str | None:
         return None  # prose without any of these characters has none of what follows
     if "\n" in raw and any(start in raw for start in _DIFF_LINE_STARTS):
         return "diff"
+    if _symbol_dense(raw):
+        return "code fragment"
     if _code_lines(t, 2) + min(sum(1 for op in _OPERATORS if op in raw), 2) >= 2:
         return "code lines"
     return None
@@ -514,14 +539,19 @@ def score_code(t: Text) -> Score:
     if context:
         s.add(2.5, "programming language or tool named in context")
     if _ALGORITHMS in hits:
-        s.add(1.5, "programming concept")
+        s.add(2.0, "programming concept")
+    tools = words & _TECH_NAMES
+    if tools:
+        s.add(1.5, "names a programming tool")
     if _asks_for_code(t):
         s.add(2.5, "programming ask")
     vocab = len(words & _CODE_WORDS)
     if vocab:
-        s.add(min(vocab * 0.75, 3.0), f"{vocab} programming term{'s' if vocab > 1 else ''}")
-    if not context and s.score > 0 and words & _LANGUAGE_WORDS:
-        s.add(2.0 if vocab else 1.0, "language name")
+        s.add(min(vocab * 1.0, 3.0), f"{vocab} programming term{'s' if vocab > 1 else ''}")
+    languages = words & _LANGUAGE_WORDS
+    if not context and s.score > 0 and languages:
+        other_terms = vocab > len(languages & _CODE_WORDS)
+        s.add(2.0 if other_terms else 1.0, "language name")
     if (vocab or s.score >= 1.5) and _HOWTO in hits:
         s.add(1.0, "technical how-to")
     return s
@@ -692,7 +722,9 @@ _PROCEDURE = frozenset("instructions guide tutorial directions recipe process se
                        .split())
 _JUSTIFY = _feature("justify", """
 justify|explain your reasoning|explain each step|check your answer
-is the following argument valid|is this argument valid|is this reasoning valid|reason carefully""")
+is the following argument valid|is this argument valid|is this reasoning valid|reason carefully
+can we conclude|can you conclude|does it follow|is the conclusion valid|necessarily true
+logically follow|logically follows""")
 _PUZZLE = _feature("puzzle", """
 puzzle|riddle|brain teaser|brainteaser|knights and knaves|knight and knave
 knaves|always lies|always lie|always tells the truth|always tell the truth|truth teller
@@ -726,7 +758,7 @@ triangle|rectangle|circle|perimeter|radius|area|volume|percent|percentage|intere
 compound interest|compounded|ratio|average speed|calculate|compute|evaluate|simplify
 estimate|minimum number|maximum number|worst case|expected number|odd|even|sum|product|digit
 digits|coin flips|coin flip|coin tosses|dice|die rolls|heads|tails|in a row|odds|at random
-without replacement|angle|degrees|fills|drains|pipe|pipes|at the same rate|working together
+without replacement|angle|degrees|fills|drains|pipe|pipes|nth|every other|fraction|fractions|at the same rate|working together
 rate of|per hour|speed|distance|depreciates|depreciation|apr|interest|wahrscheinlichkeit
 probabilité|probabilidad|gleichung|équation|ecuación|berechne|berechnen|calcule|calculer
 calcula|calcular|winkel|dreieck|somme|suma|summe""")
@@ -739,7 +771,8 @@ in how many ways|number of ways|how many arrangements|how many combinations
 how many permutations|how many handshakes|how many paths|how many possible|how many different
 how many distinct|how many unique""")
 _QUESTION_CUES = _feature("question_cues", """
-how many|how much|how long|how far|how fast|how old|how often
+how many|how much|how long|how far|how fast|how old|how often|what fraction|what percentage
+what percent|is left|are left|remain|remains|remaining|left over|in total|altogether
 what is the total|what's the total|what is the probability|what's the probability
 what is the chance|what's the chance|what are the odds|what is the minimum|what is the maximum
 what is the smallest|what is the largest|what is the average|what is the expected
@@ -764,6 +797,10 @@ _NUMBER_WORDS = frozenset("""
 two three four five six seven eight nine ten eleven twelve twenty hundred thousand twice half
 double triple thrice zwei drei vier deux trois quatre dos tres cuatro
 """.split())
+_PROBABILITY = _feature("probability", """
+what is the probability|what's the probability|probability of|probability that
+expected value|expected number|odds of getting|chance of getting|chances of getting
+at least one|at most one|exactly one of""")
 _PLANNING = _feature("planning", """
 plan|schedule|scheduling|itinerary|allocate|allocation|assign|timetable
 seating|roster|shifts|rota|sequence the|order the tasks|critical path|day by day""")
@@ -771,7 +808,9 @@ _CONSTRAINTS = _feature("constraints", """
 constraint|constraints|subject to|no more than|never more than|must not
 cannot|can't|can only|at most|at least|deadline|deadlines|budget of|budget|exactly|only if
 unless|must be|must come|must have|must sit|must include|must visit|must finish|must rest
-must start|refuse to|refuses to|has to|have to|need to|needs to|valid|limited|capacity""")
+must start|refuse to|refuses to|has to|have to|need to|needs to|valid|limited|capacity
+must follow|must precede|must happen|must go|not both|not on the same|same day|in a row|at a time
+per day|each day|depends on|prerequisite|only one|can't be|cannot be|has to be|no two""")
 _OPTIMIZE = _feature("optimize", """
 maximize|maximise|minimize|minimise|optimize|optimise|optimal
 best possible|fewest|shortest|cheapest|most efficient|per dollar""")
@@ -918,6 +957,8 @@ def score_reasoning(t: Text) -> Score:
         s.add(min(math, 3) * 1.0, "mathematical terms")
     if _COUNTING in hits:
         s.add(3.0, "counting problem")
+    if _PROBABILITY in hits:
+        s.add(2.0, "probability question")
     numbers = _numbers(raw) + len(words & _NUMBER_WORDS)
     if numbers >= 2 and (math or _QUESTION_CUES in hits):
         s.add(3.0 if numbers >= 3 else 2.5, f"quantitative problem ({numbers} numbers)")
@@ -940,6 +981,7 @@ def score_reasoning(t: Text) -> Score:
 _NONE: set[str] = set()
 _REASONING_FEATURES = frozenset({
     _PROVE, _PROOF_TERMS, _STEPS, _JUSTIFY, _PUZZLE, _PUZZLE_CUES, _LOGIC, _MATH, _COUNTING,
+    _PROBABILITY,
     _QUESTION_CUES, _PLANNING, _CONSTRAINTS, _OPTIMIZE, _TRADEOFF})
 _REASONING_GATE = _PROVE_VERBS | _RELATION_GATE | {"should"}
 _MATH_OPERATOR_SET = frozenset(_MATH_OPERATORS)
