@@ -46,6 +46,10 @@ def _check_config(args: argparse.Namespace) -> int:
           f"{sum(m.memory_gib for m in pinned):.1f} GiB "
           f"({', '.join(m.name for m in pinned) or 'none'}); largest on demand "
           f"{max((m.memory_gib for m in on_demand), default=0.0):.1f} GiB")
+    rules = ", ".join(f"{r.name} -> {r.model}" for r in config.routing.rules)
+    fallbacks = ", ".join(f"{k} -> {v}" for k, v in config.routing.fallbacks.items())
+    print(f"routing: {rules or 'no rules'}; otherwise {config.default}"
+          + (f"; fallbacks {fallbacks}" if fallbacks else ""))
     return 0
 
 

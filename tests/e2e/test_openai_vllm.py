@@ -82,6 +82,17 @@ def test_chat_and_an_on_demand_model_serve_completions(client: openai.OpenAI) ->
         assert resp.usage.completion_tokens == 8
 
 
+def test_auto_routes_code_to_the_code_model(client: openai.OpenAI) -> None:
+    raw = client.chat.completions.with_raw_response.create(
+        model="auto", max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": "Fix this Python function:\n```python\n"
+                   "def add(a, b):\n    return a - b\n```"}])
+    assert raw.headers["x-roundhouse-route"] == "code"
+    assert raw.headers["x-roundhouse-language"] == "python"
+    resp = raw.parse()
+    assert resp.model == "code" and resp.choices[0].message.content
+
+
 def test_sampling_parameters_reach_the_engine(client: openai.OpenAI) -> None:
     resp = client.completions.create(model="code", prompt="1, 2, 3, 4,", max_tokens=20,
                                      temperature=0.7, stop=[","], n=2, seed=1)
@@ -128,9 +139,10 @@ def test_asking_reasoning_evicts_code_while_chat_keeps_serving(client: openai.Op
     assert replicas("code") == 1
     hello = [{"role": "user", "content": "Say hello."}]
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        swap = pool.submit(client.chat.completions.create, model="reasoning", max_tokens=8,
-                           temperature=0, messages=[{"role": "user",
-                                                     "content": "Is 17 a prime number?"}])
+        # Routed by the rules: a proof goes to the reasoning model.
+        swap = pool.submit(client.chat.completions.create, model="auto", max_tokens=8,
+                           temperature=0, messages=[{"role": "user", "content":
+                                                     "Prove that 17 is a prime number."}])
         wait_until(lambda: controller_status()["models"]["code"]["state"] != "active", 30,
                    "code to be chosen for eviction")
         served_during_swap = 0

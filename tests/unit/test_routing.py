@@ -296,3 +296,16 @@ def test_route_cli_prints_one_decision_per_line(monkeypatch: pytest.MonkeyPatch,
     assert main(["route", "--config", str(LOCAL), "--endpoint", "/v1/completions",
                  "--quality", "high"]) == 0
     assert json.loads(capsys.readouterr().out)["rule"] == "quality-high"
+
+
+@pytest.mark.parametrize("config", ["configs/local.yaml", "serve_config.yaml",
+                                    "configs/h100-pinned-chat.yaml"])
+def test_shipped_configs_route_the_three_roles(config: str) -> None:
+    r = build_router(load_app_config(REPO / config, check_engine=False))
+    assert decide_body(r, {"messages": [{"role": "user", "content": "Hi! How are you?"}]}
+                       ).model == "chat"
+    assert decide_body(r, {"prompt": "def fib(n):\n    if n < 2:\n        return n"}
+                       ).model == "code"
+    assert decide_body(r, {"messages": [{"role": "user", "content": "Prove that the square "
+                                         "root of 2 is irrational."}]}).model == "reasoning"
+    assert r.fallback("code") == "chat" and r.fallback("reasoning") == "chat"
