@@ -55,6 +55,7 @@ test-unit: install
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: models
+	$(BIN)/python benchmarks/routing_speed.py
 	$(BIN)/python benchmarks/path_latency.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/cold_start.py

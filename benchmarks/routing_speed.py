@@ -5,18 +5,19 @@ Typical requests are the labeled evaluation set (tests/data/routing_eval.jsonl: 
 reasoning, multi-turn, several human languages; all under 500 tokens). 8k-token prompts are
 built from the same texts: prose, a pasted code file, and a long conversation, ~32,000
 characters each. Decisions are timed one at a time, round-robin over the inputs (so caches do
-not flatter the numbers), with the garbage collector on, as in the server. Writes
+not flatter the numbers), with the garbage collector on and the startup objects frozen, as in the ingress. Writes
 benchmarks/results/routing_speed.json; the routing accuracy on the evaluation set is recorded
 alongside.
 
 Targets (issue 5): p99 <= 100 us typical, <= 1 ms at 8k tokens.
 
-    python benchmarks/routing_speed.py [--rounds 30]
+    python benchmarks/routing_speed.py [--rounds 60]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -110,7 +111,7 @@ def _summary(decide_us: list[float], parse_us: list[float], target_us: float
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=60)
     args = parser.parse_args()
 
     from serve_app.config import load_app_config
@@ -125,6 +126,7 @@ def main() -> int:
     long_inputs = [route_input(parse_body(b)) for _, b in long_bodies]
 
     correct = sum(decide_body(router, r).model == r["label"] for r in rows)
+    gc.freeze()  # as the ingress does once it is set up (serve_app/ingress.py)
     for inp in typical_inputs + long_inputs:  # warm-up
         router.decide(inp)
 

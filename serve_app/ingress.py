@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -93,6 +94,10 @@ class Ingress:
             "/v1/route": {"POST": self._route},
             "/health": {"GET": self._health},
         }
+        # Everything built so far (imports, config, the router's tables) lives as long as the
+        # replica: keep it out of the garbage collector's full passes, which otherwise walk it
+        # on the request path (the routing benchmark's p99 drops by about a third).
+        gc.freeze()
 
     async def __call__(self, request: Request) -> Response:
         request_id = _request_id(request)

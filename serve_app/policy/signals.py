@@ -622,7 +622,8 @@ _LANGUAGE_KEYWORDS: dict[str, frozenset[str]] = {
         "java": "java public static void jvm spring maven junit arraylist hibernate "
                 "nullpointerexception override",
         "kotlin": "kotlin fun val kt kts coroutine suspend",
-        "c": "c printf malloc free stdio gcc segmentation struct pointer",
+        "c": "c printf malloc free stdio stdlib gcc segmentation struct pointer char strcpy "
+             "strlen sizeof unsigned int main",
         "cpp": "cpp std cout vector nullptr template unique_ptr shared_ptr clang",
         "csharp": "csharp dotnet net linq unity task console asp",
         "sql": "sql select join where postgres postgresql mysql sqlite query index table "
