@@ -25,8 +25,9 @@ from deployments.engine import (
     InvalidRequest,
     PromptTooLong,
 )
+from deployments.kv_admission import KvAdmission
 from serve_app.config import ModelConfig
-from serve_app.errors import BadRequest, ModelDraining, ModelUnavailable
+from serve_app.errors import BadRequest, GenerationTimeout, ModelDraining, ModelUnavailable
 from serve_app.protocol import (
     GenerateCall,
     StreamEnd,
@@ -88,7 +89,10 @@ class ModelServer:
                      if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
             await _report("model_failed", self._name, cause)
             raise EngineError(f"model {self._name}: {cause}") from exc
-        logger.info("model %s: engine ready", self._name)
+        capacity = await self._engine.kv_capacity_tokens()
+        self._admission = KvAdmission(self._name, capacity, self._config.limits)
+        logger.info("model %s: engine ready, KV budget %d of %d tokens", self._name,
+                    self._admission.budget_tokens, capacity)
         await _report("model_ready", self._name, _engine_processes(), _node_id())
 
     # --- generation -----------------------------------------------------------------------
@@ -104,9 +108,19 @@ class ModelServer:
         ]
 
     async def _outputs(self, call: GenerateCall) -> AsyncIterator[tuple[int, EngineOutput]]:
-        """(prompt index, output) from one engine stream per prompt, merged as they come."""
+        """(prompt index, output) from one engine stream per prompt, merged as they come.
+        Past the request timeout the engine requests are aborted and 504 is raised."""
         requests = self._engine_requests(call)
         finished: set[str] = set()
+        expired: list[bool] = []
+        timer = None
+        timeout_s = self._config.limits.request_timeout_s
+        if timeout_s is not None:
+            def expire() -> None:
+                expired.append(True)
+                for r in requests:
+                    asyncio.get_running_loop().create_task(self._engine.abort(r.request_id))
+            timer = asyncio.get_running_loop().call_later(timeout_s, expire)
         try:
             if len(requests) == 1:
                 async for out in self._engine.generate(requests[0]):
@@ -115,6 +129,10 @@ class ModelServer:
                 async for item in self._merge(requests):
                     yield item
             finished.update(r.request_id for r in requests)
+            if expired:
+                raise GenerationTimeout(
+                    f"model {self._name}: generation took longer than {timeout_s:g} s and was "
+                    "stopped; lower max_tokens or retry")
         except PromptTooLong as exc:
             raise BadRequest(str(exc), param="messages" if call.messages else "prompt",
                              code="context_length_exceeded") from None
@@ -124,6 +142,8 @@ class ModelServer:
             raise ModelUnavailable(f"model {self._name} failed: {exc}",
                                    retry_after_s=5) from None
         finally:
+            if timer is not None:
+                timer.cancel()
             for r in requests:
                 if r.request_id not in finished:
                     with contextlib.suppress(Exception):
@@ -162,43 +182,63 @@ class ModelServer:
         if self._draining:
             raise ModelDraining(f"model {self._name} is being stopped", retry_after_s=1)
 
+    def _kv_tokens(self, call: GenerateCall) -> int:
+        """The request's worst case in the KV cache: each prompt plus n x its output limit
+        (the rest of the context when max_tokens is not set)."""
+        context = self._engine.max_model_len
+        total = 0
+        for i in range(max(1, len(call.prompts))):
+            prompt = call.prompt_tokens[i] if i < len(call.prompt_tokens) else context
+            prompt = min(prompt, context)
+            output = call.sampling.max_tokens or max(0, context - prompt)
+            total += prompt + call.sampling.n * output
+        return total
+
     async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
         self._admit()
         self._in_flight += 1
         try:
-            rid, created, model = response_id(call.endpoint), call.created, call.model
-            n = call.sampling.n
-            tally = _Tally(max(1, len(call.prompts)))
-            started: set[int] = set()
-            async for prompt_index, out in self._outputs(call):
-                tally.add(prompt_index, out)
-                if not out.text and out.finish_reason is None:
-                    continue
-                index = prompt_index * n + out.index
-                reason = None if out.finish_reason == "abort" else out.finish_reason
-                if call.endpoint == "chat":
-                    delta = {"content": out.text}
-                    if index not in started:
-                        started.add(index)
-                        delta = {"role": "assistant", "content": out.text}
-                    chunk = chat_chunk(rid, created, model, index, delta, reason,
-                                       call.include_usage)
-                else:
-                    chunk = completion_chunk(rid, created, model, index, out.text, reason,
-                                             call.include_usage)
-                yield _sse(chunk)
-            usage = tally.usage()
-            if call.include_usage:
-                yield _sse(usage_chunk(rid, created, model, call.endpoint, usage))
-            yield StreamEnd(usage)
+            async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
+                                               self._kv_tokens(call)):
+                async for item in self._stream(call):
+                    yield item
         finally:
             self._in_flight -= 1
+
+    async def _stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
+        rid, created, model = response_id(call.endpoint), call.created, call.model
+        n = call.sampling.n
+        tally = _Tally(max(1, len(call.prompts)))
+        started: set[int] = set()
+        async for prompt_index, out in self._outputs(call):
+            tally.add(prompt_index, out)
+            if not out.text and out.finish_reason is None:
+                continue
+            index = prompt_index * n + out.index
+            reason = None if out.finish_reason == "abort" else out.finish_reason
+            if call.endpoint == "chat":
+                delta = {"content": out.text}
+                if index not in started:
+                    started.add(index)
+                    delta = {"role": "assistant", "content": out.text}
+                chunk = chat_chunk(rid, created, model, index, delta, reason,
+                                   call.include_usage)
+            else:
+                chunk = completion_chunk(rid, created, model, index, out.text, reason,
+                                         call.include_usage)
+            yield _sse(chunk)
+        usage = tally.usage()
+        if call.include_usage:
+            yield _sse(usage_chunk(rid, created, model, call.endpoint, usage))
+        yield StreamEnd(usage)
 
     async def complete(self, call: GenerateCall) -> dict[str, Any]:
         self._admit()
         self._in_flight += 1
         try:
-            return await self._complete(call)
+            async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
+                                               self._kv_tokens(call)):
+                return await self._complete(call)
         finally:
             self._in_flight -= 1
 
@@ -239,7 +279,8 @@ class ModelServer:
                 "draining": int(self._draining),
                 "unfinished_requests": self._engine.num_unfinished(),
                 "max_model_len": self._engine.max_model_len,
-                "kv_capacity_tokens": await self._engine.kv_capacity_tokens()}
+                "kv_capacity_tokens": await self._engine.kv_capacity_tokens(),
+                **self._admission.stats()}
 
     async def __del__(self) -> None:
         await self._engine.shutdown()

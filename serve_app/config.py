@@ -34,6 +34,23 @@ class FakeEngineConfig(_Strict):
     fail_load: str | None = None  # if set, start() raises with this message
 
 
+class ModelLimits(_Strict):
+    """Per-model output caps and admission (see serve_app/policy/admission.py)."""
+
+    # Used as max_tokens when a request sets none. None: the rest of the context window.
+    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
+    # A request asking for more than max_output_tokens: 400 (false) or capped to it (true).
+    clamp_max_tokens: bool = False
+    # Share of the engine's real KV cache that admitted requests may reserve.
+    kv_budget_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # Requests waiting for KV room; more get 429 with Retry-After.
+    max_queued_requests: Annotated[int, Field(ge=0)] = 64
+    # A request that waited this long for KV room gets 429 with Retry-After.
+    queue_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    # Generation running longer than this is aborted in the engine; the client gets 504.
+    request_timeout_s: Annotated[float, Field(gt=0)] | None = 600.0
+
+
 class ModelConfig(_Strict):
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     # A local path, a name under ROUNDHOUSE_MODELS_DIR (see `roundhouse prepare-models`), or a
@@ -55,6 +72,7 @@ class ModelConfig(_Strict):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 256
     # Engine start (weights, KV allocation, warm-up) must finish within this.
     start_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    limits: ModelLimits = Field(default_factory=ModelLimits)
 
     @model_validator(mode="after")
     def _check_engine(self) -> ModelConfig:

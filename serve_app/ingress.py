@@ -22,6 +22,7 @@ from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
+from deployments.engine import PromptTooLong
 from serve_app.config import AppConfig
 from serve_app.errors import (
     BadRequest,
@@ -48,6 +49,7 @@ from serve_app.protocol import (
 )
 from serve_app.residency_client import ResidencyClient
 from serve_app.router import QUALITY_HEADER, build_router, decide, parse_body, route_input
+from serve_app.tokens import TokenCounter, counter_for, max_model_len
 
 logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
@@ -83,6 +85,9 @@ class Ingress:
         await self._residency.start()
         self._names = self._config.lookup()
         self._router = build_router(self._config)
+        # Each model's tokenizer, loaded once (off the event loop: transformers is slow to import).
+        self._counters: dict[str, TokenCounter] = await asyncio.to_thread(
+            lambda: {m.name: counter_for(m) for m in self._config.models})
         self._handles = dict(models)
         self._stream_handles = {name: h.options(stream=True) for name, h in models.items()}
         self._max_body = self._config.ingress.max_body_bytes
@@ -205,7 +210,42 @@ class Ingress:
                            call.request_id, call.model, fallback)
             return await self._generate(dataclasses.replace(call, model=fallback), decision)
 
+    async def _limit(self, call: GenerateCall) -> GenerateCall:
+        """Applies the model's output cap and checks prompt + max_tokens against its context,
+        with the prompt counted by the model's tokenizer; the counts go to the replica, which
+        reserves KV cache from them."""
+        model = self._config.model(call.model)
+        limits = model.limits
+        asked = call.sampling.max_tokens
+        max_tokens = asked
+        cap = limits.max_output_tokens
+        if cap is not None and asked is not None and asked > cap:
+            if not limits.clamp_max_tokens:
+                raise BadRequest(f"max_tokens is {asked}, above the limit of {cap} output tokens "
+                                 f"for model {model.name}; ask for at most {cap}",
+                                 param="max_tokens", code="max_tokens_exceeded")
+            max_tokens = cap
+        counter = self._counters[model.name]
+        texts = [m["content"] for m in call.messages] or list(call.prompts)
+        count = (lambda: (counter.chat(call.messages),)) if call.endpoint == "chat" else (
+            lambda: tuple(counter.text(p) for p in call.prompts))
+        prompts = await asyncio.to_thread(count) if sum(map(len, texts)) > 8000 else count()
+        context = max_model_len(model)
+        if context is not None and counter.exact:
+            for prompt in prompts:
+                if prompt >= context or (asked is not None and prompt + max_tokens > context):
+                    raise BadRequest(str(PromptTooLong(prompt, max_tokens, context)),
+                                     param="messages" if call.messages else "prompt",
+                                     code="context_length_exceeded")
+        if asked is None and cap is not None:
+            # The cap is only a default here: never more than the context leaves.
+            room = min(context - p for p in prompts) if context is not None else cap
+            max_tokens = max(1, min(cap, room))
+        sampling = dataclasses.replace(call.sampling, max_tokens=max_tokens)
+        return dataclasses.replace(call, sampling=sampling, prompt_tokens=prompts)
+
     async def _generate(self, call: GenerateCall, decision: RouteDecision) -> Response:
+        call = await self._limit(call)
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             # Loads the model first if it is cold (waiting, bounded) or refuses with a 503.
             await self._residency.ready(call.model)

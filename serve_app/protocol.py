@@ -191,6 +191,9 @@ class GenerateCall:
     stream: bool = False
     include_usage: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    # Prompt tokens per prompt (chat: one), counted by the ingress with the model's tokenizer;
+    # empty when not counted. The replica reserves KV cache from them.
+    prompt_tokens: tuple[int, ...] = ()
 
 
 def sampling_from(req: ChatCompletionRequest | CompletionRequest) -> Sampling:

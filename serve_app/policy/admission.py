@@ -49,13 +49,18 @@ class KvLedger:
 
     def request(self, request_id: str, tokens: int) -> bool:
         """Reserve now if the queue allows it, else enqueue; True when admitted."""
+        return request_id in self.enqueue(request_id, tokens)
+
+    def enqueue(self, request_id: str, tokens: int) -> list[str]:
+        """Queue a request and admit what fits; returns every id admitted by this call."""
         if tokens > self.capacity_tokens:
             raise AdmissionError(
-                f"request needs {tokens} KV tokens; the model holds {self.capacity_tokens}")
+                f"the request needs {tokens} KV tokens (prompt + max_tokens) but the model's "
+                f"KV budget is {self.capacity_tokens} tokens; lower max_tokens")
         if request_id in self._held or request_id in self._waiting:
             raise ValueError(f"request {request_id!r} is already known")
         self._waiting[request_id] = _Waiter(tokens)
-        return request_id in self.admit_waiting()
+        return self.admit_waiting()
 
     def admit_waiting(self) -> list[str]:
         """Admit queued requests in order (with bounded bypass); returns the admitted ids."""

@@ -18,7 +18,7 @@ def test_reserve_and_release() -> None:
 
 
 def test_larger_than_budget_is_refused() -> None:
-    with pytest.raises(AdmissionError, match="holds 100"):
+    with pytest.raises(AdmissionError, match="KV budget is 100 tokens"):
         KvLedger(100).request("x", 101)
 
 

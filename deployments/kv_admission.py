@@ -1,0 +1,94 @@
+"""The model replica's admission gate: each request reserves its worst-case KV tokens before it
+reaches the engine, and waits (bounded in number and time) while they do not fit.
+
+The bookkeeping is the pure `KvLedger` (serve_app/policy/admission.py); this adds the waiting.
+The gate lives in the replica, next to the engine whose KV cache it guards, so the budget is
+exact whatever the number of ingress replicas. Fairness: the queue is first come first served,
+and a request that fits may overtake a waiting one that does not only `max_bypass` times; after
+that the long request at the head blocks the line until it fits, so short requests cannot
+starve it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable
+
+from serve_app.config import ModelLimits
+from serve_app.errors import BadRequest, RateLimited
+from serve_app.policy.admission import AdmissionError, KvLedger
+
+RETRY_AFTER_S = 2.0
+
+
+class KvAdmission:
+    def __init__(self, model: str, capacity_tokens: int, limits: ModelLimits,
+                 max_bypass: int = 8) -> None:
+        self._model = model
+        self._limits = limits
+        # An engine that cannot say its KV capacity gets no gate (the engine queues on its own).
+        self._enabled = capacity_tokens > 0
+        self._ledger = KvLedger(max(1, int(capacity_tokens * limits.kv_budget_fraction)),
+                                max_bypass=max_bypass)
+        self._admitted: dict[str, asyncio.Event] = {}
+
+    @property
+    def budget_tokens(self) -> int:
+        return self._ledger.capacity_tokens
+
+    def stats(self) -> dict[str, int]:
+        return {"kv_budget_tokens": self._ledger.capacity_tokens,
+                "kv_reserved_tokens": self._ledger.reserved_tokens,
+                "queued_requests": len(self._ledger.waiting)}
+
+    @contextlib.asynccontextmanager
+    async def reserve(self, key: str, tokens: int) -> AsyncIterator[None]:
+        """Holds `tokens` of the KV budget for the body of the `async with`; released however
+        it ends (completion, error, timeout, cancellation by a client disconnect)."""
+        if not self._enabled:
+            yield
+            return
+        await self._acquire(key, tokens)
+        try:
+            yield
+        finally:
+            self._release(key)
+
+    async def _acquire(self, key: str, tokens: int) -> None:
+        try:
+            admitted = self._ledger.enqueue(key, tokens)
+        except AdmissionError as exc:
+            raise BadRequest(f"model {self._model}: {exc}", param="max_tokens") from None
+        self._wake(a for a in admitted if a != key)
+        if key in admitted:
+            return
+        waiting = len(self._ledger.waiting)
+        if waiting > self._limits.max_queued_requests:
+            self._release(key)
+            raise RateLimited(
+                f"model {self._model} is at its KV cache budget and "
+                f"{waiting - 1} requests are already waiting; retry later",
+                code="queue_full", retry_after_s=RETRY_AFTER_S)
+        event = self._admitted[key] = asyncio.Event()
+        try:
+            await asyncio.wait_for(event.wait(), self._limits.queue_timeout_s)
+        except TimeoutError:
+            self._release(key)
+            raise RateLimited(
+                f"model {self._model} had no KV cache room for this request within "
+                f"{self._limits.queue_timeout_s:g} s; retry later",
+                code="queue_timeout", retry_after_s=RETRY_AFTER_S) from None
+        except BaseException:
+            self._release(key)
+            raise
+
+    def _release(self, key: str) -> None:
+        self._admitted.pop(key, None)
+        self._wake(self._ledger.release(key))
+
+    def _wake(self, keys: Iterable[str]) -> None:
+        for key in keys:
+            event = self._admitted.pop(key, None)
+            if event is not None:
+                event.set()
