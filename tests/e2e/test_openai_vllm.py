@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 from typing import Any
 
 import httpx
@@ -15,10 +16,17 @@ from tests.conftest import REPO, controller_status, model_handle, replicas, wait
 pytestmark = pytest.mark.e2e
 
 
+# chat's admission gets a small share of its real KV cache here, so a burst of long outputs
+# must queue (see test_burst_of_long_outputs_does_not_starve_short_requests).
+CHAT_LIMITS = {"kv_budget_fraction": 0.15, "max_queued_requests": 16, "queue_timeout_s": 240}
+
+
 @pytest.fixture(scope="module")
 def base_url(deploy: Any) -> str:
-    config = load_app_config(REPO / "configs" / "local.yaml")
-    return deploy(config.model_dump())
+    args = load_app_config(REPO / "configs" / "local.yaml").model_dump()
+    chat = next(m for m in args["models"] if m["name"] == "chat")
+    chat["limits"].update(CHAT_LIMITS)
+    return deploy(args)
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +185,37 @@ def test_disconnect_aborts_the_vllm_request(base_url: str) -> None:
                    "vLLM to hold the streaming request")
     wait_until(lambda: handle.stats.remote().result()["unfinished_requests"] == 0, 10,
                "vLLM to abort the request after the client disconnected")
+    assert handle.stats.remote().result()["kv_reserved_tokens"] == 0
+
+
+def test_burst_of_long_outputs_does_not_starve_short_requests(base_url: str) -> None:
+    """The seed's failure mode: long outputs reserve most of chat's KV budget; the rest queue
+    (or get 429 beyond the queue), and short requests are still served."""
+    handle = model_handle("chat")
+    budget = handle.stats.remote().result()["kv_budget_tokens"]
+    long_tokens = budget // 3  # three fit at once, the others wait
+
+    def ask(max_tokens: int, ignore_eos: bool) -> tuple[int, float]:
+        started = time.monotonic()
+        resp = httpx.post(f"{base_url}/v1/chat/completions", timeout=300, json={
+            "model": "chat", "max_tokens": max_tokens, "ignore_eos": ignore_eos,
+            "temperature": 0, "messages": [{"role": "user", "content": "Tell me a story."}]})
+        if resp.status_code not in (200, 429):
+            pytest.fail(f"undeclared status {resp.status_code}: {resp.text}")
+        return resp.status_code, time.monotonic() - started
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        longs = [pool.submit(ask, min(long_tokens - 40, 600), True) for _ in range(6)]
+        wait_until(lambda: handle.stats.remote().result()["queued_requests"] >= 1, 60,
+                   "long requests to fill the budget and queue")
+        shorts = [pool.submit(ask, 8, False) for _ in range(8)]
+        short_results = [f.result() for f in shorts]
+        long_results = [f.result() for f in longs]
+    assert all(code == 200 for code, _ in short_results), short_results
+    assert {code for code, _ in long_results} <= {200, 429}
+    assert sum(code == 200 for code, _ in long_results) >= 3
+    stats = handle.stats.remote().result()
+    assert stats["kv_reserved_tokens"] == 0 and stats["queued_requests"] == 0
 
 
 def test_server_still_serves_after_bad_input(client: openai.OpenAI, base_url: str) -> None:
