@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -58,16 +59,21 @@ class HfCounter:
 
     def __init__(self, tokenizer: Any) -> None:
         self._tokenizer = tokenizer
+        # Fast tokenizers raise "Already borrowed" when one is used from two threads at once
+        # (the ingress counts long prompts off the event loop).
+        self._lock = threading.Lock()
 
     def chat(self, messages: Sequence[dict[str, str]]) -> int:
-        ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
-                                                  tokenize=True)
-        if isinstance(ids, dict):  # newer transformers return a BatchEncoding
+        with self._lock:
+            ids = self._tokenizer.apply_chat_template(list(messages), add_generation_prompt=True,
+                                                      tokenize=True)
+        if not isinstance(ids, list):  # newer transformers return a BatchEncoding
             ids = ids["input_ids"]
         return len(ids)
 
     def text(self, prompt: str) -> int:
-        return len(self._tokenizer(prompt)["input_ids"])
+        with self._lock:
+            return len(self._tokenizer(prompt)["input_ids"])
 
 
 @functools.cache

@@ -11,6 +11,7 @@ import openai
 import pytest
 
 from serve_app.app import load_app_config
+from serve_app.tokens import counter_for
 from tests.conftest import REPO, controller_status, model_handle, replicas, wait_until
 
 pytestmark = pytest.mark.e2e
@@ -43,6 +44,13 @@ def test_chat_answers_sensibly(client: openai.OpenAI) -> None:
     assert "Paris" in answer
     assert resp.usage.prompt_tokens > 10  # the chat template was applied
     assert resp.usage.completion_tokens <= 24
+    # The ingress counts prompts (for limits and KV reservations) as vLLM does.
+    counter = counter_for(load_app_config(REPO / "configs" / "local.yaml").model("chat"))
+    assert counter.chat([{"role": "user", "content": "What is the capital of France?"}]) == \
+        resp.usage.prompt_tokens
+    completion = client.completions.create(model="chat", prompt="The capital of France is",
+                                           max_tokens=1)
+    assert counter.text("The capital of France is") == completion.usage.prompt_tokens
 
 
 def test_chat_streams_token_by_token(client: openai.OpenAI) -> None:
