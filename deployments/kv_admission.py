@@ -28,7 +28,7 @@ class KvAdmission:
         self._model = model
         self._limits = limits
         # An engine that cannot say its KV capacity gets no gate (the engine queues on its own).
-        self._enabled = capacity_tokens > 0
+        self._enabled = capacity_tokens > 0 and limits.admission
         self._ledger = KvLedger(max(1, int(capacity_tokens * limits.kv_budget_fraction)),
                                 max_bypass=max_bypass)
         self._admitted: dict[str, asyncio.Event] = {}

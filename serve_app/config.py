@@ -37,6 +37,9 @@ class FakeEngineConfig(_Strict):
 class ModelLimits(_Strict):
     """Per-model output caps and admission (see serve_app/policy/admission.py)."""
 
+    # KV-budget admission in the model replica (false: requests go straight to the engine,
+    # which queues and preempts on its own; for comparison, see benchmarks/spike.py).
+    admission: bool = True
     # Used as max_tokens when a request sets none. None: the rest of the context window.
     max_output_tokens: Annotated[int, Field(ge=1)] | None = None
     # A request asking for more than max_output_tokens: 400 (false) or capped to it (true).
