@@ -59,6 +59,7 @@ bench: models
 	$(BIN)/python benchmarks/path_latency.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/cold_start.py
+	$(BIN)/python benchmarks/spike.py
 
 lint: install
 	$(BIN)/ruff check serve_app deployments tests benchmarks

@@ -1,0 +1,177 @@
+"""The seed's failure mode on the local model: mixed traffic in which one request in ten asks for
+an output 8x longer than the rest, with Roundhouse's KV admission on versus off, in one run.
+
+One SmolLM2 engine (float32, eager, 1 GiB of KV cache, one core) behind Roundhouse, deployed
+twice with the same settings except `limits.admission`. A client keeps `--concurrency` streaming
+completions in flight, prompts of `--prompt-words` words, outputs of `--short` tokens and every
+tenth of `--long` tokens (`ignore_eos`), so the KV demand exceeds the cache and, without
+admission, vLLM preempts and recomputes. Measured per mode: time to first token of the short
+requests (p50/p99), output throughput, and refusals (429 are declared statuses, counted).
+Writes benchmarks/results/spike.json.
+
+Targets (issue 6): short-request p99 TTFT with admission on <= 0.5x of off; total throughput
+>= 0.9x of off.
+
+    python benchmarks/spike.py [--requests 120] [--concurrency 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+RESULTS = REPO / "benchmarks" / "results"
+PORT = 18107
+MODEL = "chat"
+ENGINE_KWARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048}
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+WORDS = ("river stone light garden window paper music winter harbor candle forest market "
+         "silver thunder meadow bridge lantern orchard valley whisper").split()
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@contextlib.contextmanager
+def roundhouse(admission: bool, log: Path) -> Iterator[str]:
+    from overhead import _stop, _wait_http  # the same launch as overhead.py
+
+    from serve_app.app import serve_config
+
+    config = serve_config({"models": [{
+        "name": MODEL, "model": "smollm2-135m-instruct", "pinned": True,
+        "engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV,
+        "limits": {"admission": admission, "max_queued_requests": 1000,
+                   "queue_timeout_s": 600, "request_timeout_s": 900}}]}, PORT)
+    path = RESULTS / "spike_config.json"
+    path.write_text(json.dumps(config))
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    serve = str(Path(sys.executable).parent / "serve")
+    with log.open("wb") as out:
+        proc = subprocess.Popen([serve, "run", str(path)], env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{PORT}"
+        _wait_http(f"{base}/v1/models", 600, proc)
+        # /v1/models answers once the ingress is up; the engine may still be loading.
+        httpx.post(f"{base}/v1/completions", timeout=600,
+                   json={"model": MODEL, "prompt": "hi", "max_tokens": 1}).raise_for_status()
+        yield base
+    finally:
+        _stop(proc)
+        path.unlink(missing_ok=True)
+
+
+async def _one(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int
+               ) -> dict[str, Any]:
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
+            "temperature": 0, "stream": True}
+    async with client.stream("POST", f"{base}/v1/completions", json=body) as resp:
+        if resp.status_code != 200:
+            await resp.aread()
+            return {"status": resp.status_code, "ttft_s": None,
+                    "tokens": 0, "elapsed_s": time.perf_counter() - started}
+        async for line in resp.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and chunk["choices"][0].get("text"):
+                if first is None:
+                    first = time.perf_counter() - started
+                tokens += 1
+    return {"status": 200, "ttft_s": first, "tokens": tokens,
+            "elapsed_s": time.perf_counter() - started}
+
+
+async def _traffic(base: str, requests: int, concurrency: int, prompt_words: int, short: int,
+                   long: int) -> dict[str, Any]:
+    rng = random.Random(0)
+    plan = [(" ".join(rng.choice(WORDS) for _ in range(prompt_words)),
+             long if i % 10 == 9 else short) for i in range(requests)]
+    gate = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=1800, limits=limits) as client:
+        async def run(prompt: str, max_tokens: int) -> dict[str, Any]:
+            async with gate:
+                result = await _one(client, base, prompt, max_tokens)
+            result["long"] = max_tokens == long
+            return result
+
+        started = time.perf_counter()
+        results = await asyncio.gather(*(run(p, m) for p, m in plan))
+        wall = time.perf_counter() - started
+    short_ttft = [r["ttft_s"] for r in results if not r["long"] and r["ttft_s"] is not None]
+    tokens = sum(r["tokens"] for r in results)
+    return {
+        "requests": requests, "wall_s": round(wall, 1),
+        "statuses": {str(s): sum(r["status"] == s for r in results)
+                     for s in sorted({r["status"] for r in results})},
+        "output_tokens": tokens, "output_tok_per_s": round(tokens / wall, 1),
+        "short_ttft_p50_s": _round(_percentile(short_ttft, 0.5)),
+        "short_ttft_p99_s": _round(_percentile(short_ttft, 0.99)),
+        "long_elapsed_p50_s": _round(_percentile(
+            [r["elapsed_s"] for r in results if r["long"] and r["status"] == 200], 0.5)),
+    }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 2)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=120)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--prompt-words", type=int, default=120)
+    parser.add_argument("--short", type=int, default=128)
+    parser.add_argument("--long", type=int, default=1024)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    runs: dict[str, Any] = {}
+    for label, admission in (("admission_off", False), ("admission_on", True)):
+        print(f"[spike] {label}: starting Roundhouse", file=sys.stderr, flush=True)
+        with roundhouse(admission, RESULTS / f"spike-{label}.log") as base:
+            runs[label] = asyncio.run(_traffic(base, args.requests, args.concurrency,
+                                               args.prompt_words, args.short, args.long))
+        print(f"[spike] {label}: {runs[label]}", file=sys.stderr, flush=True)
+    on, off = runs["admission_on"], runs["admission_off"]
+    ratios = {
+        "short_ttft_p99_on_vs_off": (round(on["short_ttft_p99_s"] / off["short_ttft_p99_s"], 3)
+                                     if on["short_ttft_p99_s"] and off["short_ttft_p99_s"]
+                                     else None),
+        "throughput_on_vs_off": round(on["output_tok_per_s"] / off["output_tok_per_s"], 3),
+    }
+    result = {"benchmark": "spike", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "settings": vars(args) | {"engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV},
+              "runs": runs, "ratios": ratios,
+              "targets": {"short_ttft_p99_on_vs_off": "<= 0.5", "throughput_on_vs_off": ">= 0.9"}}
+    (RESULTS / "spike.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["runs"], indent=2))
+    print(json.dumps(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
