@@ -82,13 +82,17 @@ def direct_vllm(model_path: str, log: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def roundhouse(log: Path) -> Iterator[str]:
+def roundhouse(log: Path, limits: dict[str, Any] | None = None) -> Iterator[str]:
+    """`serve run` of Roundhouse with the one local model (pinned) as `chat`, waiting until the
+    engine answers; `limits` are the model's admission limits (benchmarks/spike.py)."""
     from serve_app.app import serve_config
 
-    config = serve_config({"models": [{"name": MODEL_NAME, "model": "smollm2-135m-instruct",
-                                       "pinned": True, "engine_kwargs": ENGINE_KWARGS,
-                                       "env": ENGINE_ENV}]}, ROUNDHOUSE_PORT)
-    config_path = RESULTS / "overhead_config.json"
+    model: dict[str, Any] = {"name": MODEL_NAME, "model": "smollm2-135m-instruct",
+                             "pinned": True, "engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV}
+    if limits is not None:
+        model["limits"] = limits
+    config = serve_config({"models": [model]}, ROUNDHOUSE_PORT)
+    config_path = RESULTS / "roundhouse_bench_config.json"
     config_path.write_text(json.dumps(config))
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     serve = str(Path(sys.executable).parent / "serve")

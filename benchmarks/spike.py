@@ -21,12 +21,9 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
-import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +33,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 RESULTS = REPO / "benchmarks" / "results"
-PORT = 18107
-MODEL = "chat"
-ENGINE_KWARGS = {"enforce_eager": True, "dtype": "float32", "max_model_len": 2048}
-ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
+MODEL = "chat"  # overhead.MODEL_NAME: the model overhead.roundhouse serves
 WORDS = ("river stone light garden window paper music winter harbor candle forest market "
          "silver thunder meadow bridge lantern orchard valley whisper").split()
 
@@ -51,34 +45,11 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-@contextlib.contextmanager
-def roundhouse(admission: bool, log: Path) -> Iterator[str]:
-    from overhead import _stop, _wait_http  # the same launch as overhead.py
+def roundhouse(admission: bool, log: Path) -> contextlib.AbstractContextManager[str]:
+    from overhead import roundhouse as serve_roundhouse  # the same launch as overhead.py
 
-    from serve_app.app import serve_config
-
-    config = serve_config({"models": [{
-        "name": MODEL, "model": "smollm2-135m-instruct", "pinned": True,
-        "engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV,
-        "limits": {"admission": admission, "max_queued_requests": 1000,
-                   "queue_timeout_s": 600, "request_timeout_s": 900}}]}, PORT)
-    path = RESULTS / "spike_config.json"
-    path.write_text(json.dumps(config))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    serve = str(Path(sys.executable).parent / "serve")
-    with log.open("wb") as out:
-        proc = subprocess.Popen([serve, "run", str(path)], env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{PORT}"
-        _wait_http(f"{base}/v1/models", 600, proc)
-        # /v1/models answers once the ingress is up; the engine may still be loading.
-        httpx.post(f"{base}/v1/completions", timeout=600,
-                   json={"model": MODEL, "prompt": "hi", "max_tokens": 1}).raise_for_status()
-        yield base
-    finally:
-        _stop(proc)
-        path.unlink(missing_ok=True)
+    return serve_roundhouse(log, {"admission": admission, "max_queued_requests": 1000,
+                                  "queue_timeout_s": 600, "request_timeout_s": 900})
 
 
 async def _one(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int
@@ -141,6 +112,8 @@ def _round(value: float | None) -> float | None:
 
 
 def main() -> int:
+    import overhead
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=120)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -164,7 +137,8 @@ def main() -> int:
         "throughput_on_vs_off": round(on["output_tok_per_s"] / off["output_tok_per_s"], 3),
     }
     result = {"benchmark": "spike", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "settings": vars(args) | {"engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV},
+              "settings": vars(args) | {"engine_kwargs": overhead.ENGINE_KWARGS,
+                                        "env": overhead.ENGINE_ENV},
               "runs": runs, "ratios": ratios,
               "targets": {"short_ttft_p99_on_vs_off": "<= 0.5", "throughput_on_vs_off": ">= 0.9"}}
     (RESULTS / "spike.json").write_text(json.dumps(result, indent=2) + "\n")
