@@ -3,10 +3,8 @@ reaches the engine, and waits (bounded in number and time) while they do not fit
 
 The bookkeeping is the pure `KvLedger` (serve_app/policy/admission.py); this adds the waiting.
 The gate lives in the replica, next to the engine whose KV cache it guards, so the budget is
-exact whatever the number of ingress replicas. Fairness: the queue is first come first served,
-and a request that fits may overtake a waiting one that does not only `max_bypass` times; after
-that the long request at the head blocks the line until it fits, so short requests cannot
-starve it.
+exact whatever the number of ingress replicas. Fairness and the large-request lane: see the
+ledger's docstring.
 """
 
 from __future__ import annotations
@@ -20,17 +18,22 @@ from serve_app.errors import BadRequest, RateLimited
 from serve_app.policy.admission import AdmissionError, KvLedger
 
 RETRY_AFTER_S = 2.0
+# Without limits.large_request_tokens, a request reserving over 1/16 of the budget is large.
+LARGE_DIVISOR = 16
 
 
 class KvAdmission:
     def __init__(self, model: str, capacity_tokens: int, limits: ModelLimits,
-                 max_bypass: int = 8) -> None:
+                 max_bypass: int = 16) -> None:
         self._model = model
         self._limits = limits
         # An engine that cannot say its KV capacity gets no gate (the engine queues on its own).
         self._enabled = capacity_tokens > 0 and limits.admission
-        self._ledger = KvLedger(max(1, int(capacity_tokens * limits.kv_budget_fraction)),
-                                max_bypass=max_bypass)
+        budget = max(1, int(capacity_tokens * limits.kv_budget_fraction))
+        self._ledger = KvLedger(
+            budget, max_bypass=max_bypass,
+            large_tokens=limits.large_request_tokens or max(1, budget // LARGE_DIVISOR),
+            large_share=limits.large_request_share)
         self._admitted: dict[str, asyncio.Event] = {}
 
     @property
@@ -40,6 +43,7 @@ class KvAdmission:
     def stats(self) -> dict[str, int]:
         return {"kv_budget_tokens": self._ledger.capacity_tokens,
                 "kv_reserved_tokens": self._ledger.reserved_tokens,
+                "kv_reserved_large_tokens": self._ledger.large_reserved_tokens,
                 "queued_requests": len(self._ledger.waiting)}
 
     @contextlib.asynccontextmanager

@@ -46,6 +46,11 @@ class ModelLimits(_Strict):
     clamp_max_tokens: bool = False
     # Share of the engine's real KV cache that admitted requests may reserve.
     kv_budget_fraction: Annotated[float, Field(gt=0, le=1)] = 1.0
+    # A request reserving more KV tokens than this is "large"; None: 1/16 of the KV budget.
+    large_request_tokens: Annotated[int, Field(ge=1)] | None = None
+    # Large requests together may hold at most this share of the budget (one always may), so
+    # the rest stays for ordinary ones; 1.0: no limit.
+    large_request_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     # Requests waiting for KV room; more get 429 with Retry-After.
     max_queued_requests: Annotated[int, Field(ge=0)] = 64
     # A request that waited this long for KV room gets 429 with Retry-After.

@@ -2,9 +2,18 @@
 
 Pure bookkeeping (no Ray, no vLLM). One long-output request can take a large share of a shared
 KV cache; reserving its worst case up front, and queueing what does not fit, keeps it from
-starving everyone else. The queue is FIFO with a bounded bypass: a later request that fits may
-overtake a waiting one that does not, but only `max_bypass` times, after which the head blocks
-the line until it fits, so a long request cannot be passed over forever by short ones.
+starving everyone else.
+
+Two lanes, first come first served within each:
+- *large* requests (reserving more than `large_tokens`) may together hold at most
+  `large_share` of the budget (one of them is always allowed, however large), so the rest is
+  always there for ordinary requests: long outputs cannot push short ones out of the cache;
+- *small* requests may use whatever the large ones do not hold, so the budget is not idle when
+  few large requests come.
+Fairness: small requests may overtake the first large one while it does not fit, but once its
+lane has room for it, only `max_bypass` times; then small requests wait until enough of the
+running ones finish for it to fit, so a long request cannot be passed over forever. Within a
+lane nothing overtakes.
 """
 
 from __future__ import annotations
@@ -24,28 +33,44 @@ class _Waiter:
 
 
 class KvLedger:
-    def __init__(self, capacity_tokens: int, max_bypass: int = 8) -> None:
+    def __init__(self, capacity_tokens: int, max_bypass: int = 16,
+                 large_tokens: int | None = None, large_share: float = 1.0) -> None:
         if capacity_tokens <= 0:
             raise ValueError("capacity_tokens must be positive")
+        if not 0 < large_share <= 1:
+            raise ValueError("large_share must be in (0, 1]")
         self.capacity_tokens = capacity_tokens
         self.max_bypass = max_bypass
-        self._held: dict[str, int] = {}
-        self._waiting: OrderedDict[str, _Waiter] = OrderedDict()
+        # None: one lane, every request is small.
+        self.large_tokens = large_tokens
+        self.large_cap_tokens = int(capacity_tokens * large_share)
+        self._held: dict[str, tuple[int, bool]] = {}
+        self._reserved = 0
+        self._large_reserved = 0
+        self._small: OrderedDict[str, _Waiter] = OrderedDict()
+        self._large: OrderedDict[str, _Waiter] = OrderedDict()
 
     @property
     def reserved_tokens(self) -> int:
-        return sum(self._held.values())
+        return self._reserved
+
+    @property
+    def large_reserved_tokens(self) -> int:
+        return self._large_reserved
 
     @property
     def available_tokens(self) -> int:
-        return self.capacity_tokens - self.reserved_tokens
+        return self.capacity_tokens - self._reserved
 
     @property
     def waiting(self) -> tuple[str, ...]:
-        return tuple(self._waiting)
+        return (*self._large, *self._small)
 
     def holds(self, request_id: str) -> bool:
         return request_id in self._held
+
+    def is_large(self, tokens: int) -> bool:
+        return self.large_tokens is not None and tokens > self.large_tokens
 
     def request(self, request_id: str, tokens: int) -> bool:
         """Reserve now if the queue allows it, else enqueue; True when admitted."""
@@ -57,31 +82,55 @@ class KvLedger:
             raise AdmissionError(
                 f"the request needs {tokens} KV tokens (prompt + max_tokens) but the model's "
                 f"KV budget is {self.capacity_tokens} tokens; lower max_tokens")
-        if request_id in self._held or request_id in self._waiting:
+        if request_id in self._held or request_id in self._small or request_id in self._large:
             raise ValueError(f"request {request_id!r} is already known")
-        self._waiting[request_id] = _Waiter(tokens)
+        lane = self._large if self.is_large(tokens) else self._small
+        lane[request_id] = _Waiter(tokens)
         return self.admit_waiting()
 
     def admit_waiting(self) -> list[str]:
-        """Admit queued requests in order (with bounded bypass); returns the admitted ids."""
+        """Admit queued requests in lane order; returns the admitted ids."""
         admitted: list[str] = []
-        oldest_blocked: _Waiter | None = None
-        for request_id, waiter in list(self._waiting.items()):
-            if oldest_blocked is not None and oldest_blocked.bypassed >= self.max_bypass:
-                break  # the oldest waiter has been passed over enough: nobody else goes first
-            if waiter.tokens <= self.available_tokens:
-                del self._waiting[request_id]
-                self._held[request_id] = waiter.tokens
-                admitted.append(request_id)
-                if oldest_blocked is not None:
-                    oldest_blocked.bypassed += 1
-            elif oldest_blocked is None:
-                oldest_blocked = waiter
+        while (request_id := self._next()) is not None:
+            admitted.append(request_id)
         return admitted
+
+    def _next(self) -> str | None:
+        head: _Waiter | None = None
+        lane_has_room = False
+        if self._large:
+            request_id, head = next(iter(self._large.items()))
+            lane_has_room = (self._large_reserved == 0
+                             or self._large_reserved + head.tokens <= self.large_cap_tokens)
+            if lane_has_room and head.tokens <= self.available_tokens:
+                return self._admit(self._large, request_id, large=True)
+            if lane_has_room and head.bypassed >= self.max_bypass:
+                return None  # passed over enough: small requests wait until it fits
+        if self._small:
+            request_id, waiter = next(iter(self._small.items()))
+            if waiter.tokens <= self.available_tokens:
+                if head is not None and lane_has_room:
+                    head.bypassed += 1
+                return self._admit(self._small, request_id, large=False)
+        return None
+
+    def _admit(self, lane: OrderedDict[str, _Waiter], request_id: str, large: bool) -> str:
+        tokens = lane.pop(request_id).tokens
+        self._held[request_id] = (tokens, large)
+        self._reserved += tokens
+        if large:
+            self._large_reserved += tokens
+        return request_id
 
     def release(self, request_id: str) -> list[str]:
         """Free a finished, aborted or abandoned request (idempotent); returns newly admitted."""
-        self._waiting.pop(request_id, None)
-        if self._held.pop(request_id, None) is None:
-            return []
+        waiting = self._small.pop(request_id, None) or self._large.pop(request_id, None)
+        held = self._held.pop(request_id, None)
+        if held is None:
+            # A waiter leaving can unblock the ones behind it (it may have been a lane's head).
+            return self.admit_waiting() if waiting is not None else []
+        tokens, large = held
+        self._reserved -= tokens
+        if large:
+            self._large_reserved -= tokens
         return self.admit_waiting()

@@ -16,14 +16,16 @@ from tests.conftest import model_handle, wait_until
 pytestmark = pytest.mark.serve
 
 # Fake tokens: one per word. "kv" holds 100 KV tokens; a request of 2 prompt words and
-# max_tokens 40 reserves 42, so two run at once and the rest queue.
+# max_tokens 40 reserves 42, so two run at once and the rest queue; one reserving over 45 is
+# large, and large ones hold at most 50 together.
 ARGS: dict[str, Any] = {
     "default_model": "kv",
     "models": [
         {"name": "kv", "engine": "fake", "pinned": True,
          "fake": {"tokens_per_s": 20, "max_model_len": 64, "kv_capacity_tokens": 100},
          "limits": {"max_output_tokens": 48, "max_queued_requests": 2, "queue_timeout_s": 60,
-                    "request_timeout_s": 30}},
+                    "request_timeout_s": 30, "large_request_tokens": 45,
+                    "large_request_share": 0.5}},
         {"name": "capped", "engine": "fake", "pinned": True,
          "fake": {"tokens_per_s": 2000, "max_model_len": 64},
          "limits": {"max_output_tokens": 5, "clamp_max_tokens": True}},
@@ -103,8 +105,8 @@ def test_requests_beyond_the_kv_budget_queue_then_429(base_url: str) -> None:
 
 def test_a_long_request_is_not_starved_by_short_ones(base_url: str) -> None:
     # Ten clients keep short requests (2 + 6 tokens) in flight, holding up to 80 of the 100
-    # tokens, so a long one (2 + 48) never fits on its own; short ones may pass it only a
-    # bounded number of times, then queue behind it until it is in.
+    # tokens, so a long one (2 + 48, large) never fits on its own; short ones may pass it only
+    # a bounded number of times, then queue behind it until it is in.
     stop = threading.Event()
 
     def shorts() -> list[int]:
@@ -125,6 +127,21 @@ def test_a_long_request_is_not_starved_by_short_ones(base_url: str) -> None:
     assert long.status_code == 200, long.text
     assert long.json()["usage"]["completion_tokens"] == 48
     assert codes.count(200) >= 10 and set(codes) <= {200, 429}
+
+
+def test_large_requests_keep_to_their_share_and_short_ones_pass(base_url: str) -> None:
+    # Two large requests (2 + 48 = 50 each): the second waits for the first (their share is
+    # 50), while short ones (2 + 6) still go straight in beside them.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        longs = [pool.submit(post, base_url, body("kv", 48)) for _ in range(2)]
+        wait_until(lambda: stats("kv")["queued_requests"] == 1, 20, "the second large to wait")
+        assert stats("kv")["kv_reserved_large_tokens"] == 50
+        short = post(base_url, body("kv", 6))
+        still = stats("kv")
+        results = [f.result() for f in longs]
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] == 6
+    assert still["queued_requests"] == 1, "the short one did not pass the waiting large one"
+    assert [r.status_code for r in results] == [200, 200]
 
 
 def test_queue_timeout_and_generation_timeout(base_url: str) -> None:

@@ -12,7 +12,8 @@ from serve_app.errors import BadRequest, RateLimited
 
 
 async def test_waits_for_room_and_releases_on_exit() -> None:
-    gate = KvAdmission("m", 100, ModelLimits(max_queued_requests=1, queue_timeout_s=5))
+    gate = KvAdmission("m", 100, ModelLimits(max_queued_requests=1, queue_timeout_s=5,
+                                             large_request_share=1.0))
     entered = {key: asyncio.Event() for key in "ab"}
     release = {key: asyncio.Event() for key in "ab"}
 
@@ -36,7 +37,7 @@ async def test_waits_for_room_and_releases_on_exit() -> None:
     release["b"].set()
     await b
     assert gate.stats() == {"kv_budget_tokens": 100, "kv_reserved_tokens": 0,
-                            "queued_requests": 0}
+                            "kv_reserved_large_tokens": 0, "queued_requests": 0}
 
 
 async def test_cancelled_waiter_leaves_no_trace_and_timeouts_are_429() -> None:
