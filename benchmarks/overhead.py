@@ -2,7 +2,8 @@
 
 Target A is vLLM's own OpenAI server (`python -m vllm.entrypoints.openai.api_server`); target B
 is Roundhouse (Ray Serve proxy -> ingress -> model replica with AsyncLLM) serving the same model
-with the same engine settings. Both are driven by vLLM's serving benchmark
+with the same engine settings; target C is Roundhouse with the gateway on (API key, rate limits,
+`"model": "auto"` routing), so B vs C is the gateway's cost, also timed in process. Both are driven by vLLM's serving benchmark
 (`vllm.benchmarks.serve`, random dataset, 128 input / 64 output tokens) at concurrency 1 and 16,
 one target at a time so they never compete for the two cores.
 
@@ -34,6 +35,8 @@ ENGINE_KWARGS: dict[str, Any] = {"enforce_eager": True, "dtype": "float32",
                                  "max_model_len": 2048}
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "0"}
 DIRECT_PORT, ROUNDHOUSE_PORT = 18101, 18102
+# The gateway run: an API key with limits it never reaches, routing rules, `"model": "auto"`.
+GATEWAY_KEY = "rh-overhead-benchmark-key"
 METRICS = ("output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms",
            "p99_tpot_ms", "completed")
 
@@ -82,44 +85,53 @@ def direct_vllm(model_path: str, log: Path) -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def roundhouse(log: Path, limits: dict[str, Any] | None = None) -> Iterator[str]:
+def roundhouse(log: Path, limits: dict[str, Any] | None = None,
+               engine_kwargs: dict[str, Any] | None = None,
+               env: dict[str, str] | None = None,
+               app_args: dict[str, Any] | None = None) -> Iterator[str]:
     """`serve run` of Roundhouse with the one local model (pinned) as `chat`, waiting until the
-    engine answers; `limits` are the model's admission limits (benchmarks/spike.py)."""
+    engine answers; `limits` are the model's admission limits, `engine_kwargs` and `env` replace
+    ENGINE_KWARGS and ENGINE_ENV (benchmarks/spike.py), `app_args` are more app args (auth,
+    routing: the gateway run)."""
     from serve_app.app import serve_config
 
     model: dict[str, Any] = {"name": MODEL_NAME, "model": "smollm2-135m-instruct",
-                             "pinned": True, "engine_kwargs": ENGINE_KWARGS, "env": ENGINE_ENV}
+                             "pinned": True, "engine_kwargs": engine_kwargs or ENGINE_KWARGS,
+                             "env": ENGINE_ENV if env is None else env}
     if limits is not None:
         model["limits"] = limits
-    config = serve_config({"models": [model]}, ROUNDHOUSE_PORT)
+    config = serve_config({"models": [model], **(app_args or {})}, ROUNDHOUSE_PORT)
     config_path = RESULTS / "roundhouse_bench_config.json"
     config_path.write_text(json.dumps(config))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    serve_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     serve = str(Path(sys.executable).parent / "serve")
     with log.open("wb") as out:
-        proc = subprocess.Popen([serve, "run", str(config_path)], env=env, stdout=out,
+        proc = subprocess.Popen([serve, "run", str(config_path)], env=serve_env, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
         base = f"http://127.0.0.1:{ROUNDHOUSE_PORT}"
-        _wait_http(f"{base}/v1/models", 600, proc)
-        # /v1/models answers once the ingress is up; the engine may still be loading.
-        _wait_for_completion(base)
+        _wait_http(f"{base}/health", 600, proc)
+        # /health answers once the ingress is up; the engine may still be loading.
+        _wait_for_completion(base, (app_args or {}).get("auth") and GATEWAY_KEY)
         yield base
     finally:
         _stop(proc)
         config_path.unlink(missing_ok=True)
 
 
-def _wait_for_completion(base: str) -> None:
+def _wait_for_completion(base: str, key: str | None = None) -> None:
     body = json.dumps({"model": MODEL_NAME, "prompt": "hi", "max_tokens": 1}).encode()
-    req = urllib.request.Request(f"{base}/v1/completions", data=body,
-                                 headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    if key:
+        headers["authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(f"{base}/v1/completions", data=body, headers=headers)
     with urllib.request.urlopen(req, timeout=600) as resp:
         resp.read()
 
 
 def run_vllm_bench(base: str, tokenizer: str, concurrency: int, num_prompts: int,
-                   label: str) -> dict[str, Any]:
+                   label: str, model: str = MODEL_NAME, api_key: str | None = None
+                   ) -> dict[str, Any]:
     out_dir = RESULTS / "raw"
     out_dir.mkdir(parents=True, exist_ok=True)
     result_file = f"{label}-c{concurrency}.json"
@@ -127,14 +139,75 @@ def run_vllm_bench(base: str, tokenizer: str, concurrency: int, num_prompts: int
            "main; from vllm.utils.argparse_utils import FlexibleArgumentParser as P; "
            "p = P(); add_cli_args(p); main(p.parse_args(sys.argv[1:]))",
            "--backend", "openai", "--base-url", base, "--endpoint", "/v1/completions",
-           "--model", MODEL_NAME, "--tokenizer", tokenizer, "--dataset-name", "random",
+           "--model", model, "--tokenizer", tokenizer, "--dataset-name", "random",
            "--random-input-len", "128", "--random-output-len", "64", "--ignore-eos",
            "--num-prompts", str(num_prompts), "--max-concurrency", str(concurrency),
            "--seed", "0", "--save-result", "--result-dir", str(out_dir),
            "--result-filename", result_file, "--disable-tqdm", "--num-warmups", "2"]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    if api_key:
+        env["OPENAI_API_KEY"] = api_key  # sent as Authorization: Bearer
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     data = json.loads((out_dir / result_file).read_text())
     return {k: data.get(k) for k in METRICS}
+
+
+def gateway_args() -> dict[str, Any]:
+    from serve_app.auth import hash_key
+
+    return {
+        "auth": {"keys": [{"name": "bench", "sha256": hash_key(GATEWAY_KEY),
+                           "requests_per_minute": 1_000_000,
+                           "tokens_per_minute": 1_000_000_000}]},
+        "routing": {"rules": [
+            {"name": "quality-high", "when": {"quality": "high"}, "model": MODEL_NAME},
+            {"name": "code", "when": {"code": True}, "model": MODEL_NAME},
+            {"name": "reasoning", "when": {"reasoning": True}, "model": MODEL_NAME}]},
+    }
+
+
+def gateway_cost_us(tokenizer: str, requests: int = 2000) -> dict[str, dict[str, float]]:
+    """The gateway's work per request in the ingress, timed in process on the benchmark's own
+    kind of prompts (random tokens, 128 long): key check, both rate-limit buckets, routing."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from serve_app.auth import KeyTable
+    from serve_app.config import AppConfig
+    from serve_app.policy.ratelimit import RateLimiter
+    from serve_app.protocol import CompletionRequest
+    from serve_app.router import build_router, decide, route_input
+
+    config = AppConfig.model_validate({"models": [{"name": MODEL_NAME, "engine": "fake"}],
+                                       **gateway_args()})
+    keys = KeyTable(True, config.auth.keys, config.lookup())
+    limiter, router = RateLimiter(), build_router(config)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    rng = random.Random(0)
+    prompts = [tok.decode([rng.randrange(tok.vocab_size) for _ in range(128)])
+               for _ in range(200)]
+    bodies = [CompletionRequest.model_validate({"model": "auto", "prompt": p, "max_tokens": 64})
+              for p in prompts]
+    gate: list[float] = []
+    routing: list[float] = []
+    for i in range(requests):
+        body = bodies[i % len(bodies)]
+        started = time.perf_counter()
+        principal = keys.authenticate(f"Bearer {GATEWAY_KEY}")
+        limiter.request(principal.name, principal.limits, started)
+        limiter.tokens(principal.name, principal.limits, 192, started)
+        checked = time.perf_counter()
+        principal.may_use(decide(router, route_input(body, None)).model)
+        gate.append((checked - started) * 1e6)
+        routing.append((time.perf_counter() - checked) * 1e6)
+
+    def pct(samples: list[float]) -> dict[str, float]:
+        samples.sort()
+        return {"p50": round(samples[len(samples) // 2], 1),
+                "p99": round(samples[int(len(samples) * 0.99)], 1)}
+
+    return {"auth_and_limits": pct(gate), "routing": pct(routing)}
 
 
 def _fmt(v: float | None) -> str:
@@ -155,7 +228,8 @@ def main() -> int:
         print("run `roundhouse prepare-models` (or make bench) first", file=sys.stderr)
         return 1
     RESULTS.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, dict[str, Any]]] = {"vllm": {}, "roundhouse": {}}
+    results: dict[str, dict[str, dict[str, Any]]] = {"vllm": {}, "roundhouse": {},
+                                                     "gateway": {}}
     prompts = {c: max(16, args.prompts_per_concurrency * c) for c in args.concurrency}
     with direct_vllm(model_path, RESULTS / "overhead-vllm.log") as base:
         for c in args.concurrency:
@@ -164,6 +238,13 @@ def main() -> int:
         for c in args.concurrency:
             results["roundhouse"][str(c)] = run_vllm_bench(base, model_path, c, prompts[c],
                                                            "roundhouse")
+    # Gateway on: every request authenticated, rate-limited (never refused) and routed.
+    with roundhouse(RESULTS / "overhead-gateway.log", app_args=gateway_args()) as base:
+        for c in args.concurrency:
+            results["gateway"][str(c)] = run_vllm_bench(base, model_path, c, prompts[c],
+                                                        "gateway", model="auto",
+                                                        api_key=GATEWAY_KEY)
+    gateway_us = gateway_cost_us(model_path)
 
     ratios: dict[str, dict[str, float]] = {}
     for c in map(str, args.concurrency):
@@ -172,6 +253,10 @@ def main() -> int:
             "throughput_ratio": r["output_throughput"] / d["output_throughput"],
             "median_ttft_delta_ms": r["median_ttft_ms"] - d["median_ttft_ms"],
             "median_tpot_ratio": r["median_tpot_ms"] / d["median_tpot_ms"],
+            "gateway_throughput_ratio": (results["gateway"][c]["output_throughput"]
+                                         / r["output_throughput"]),
+            "gateway_median_ttft_delta_ms": (results["gateway"][c]["median_ttft_ms"]
+                                             - r["median_ttft_ms"]),
         }
     report = {
         "benchmark": "overhead",
@@ -183,6 +268,7 @@ def main() -> int:
         "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "results": results,
         "ratios": ratios,
+        "gateway_cost_in_process_us": gateway_us,
         "targets": {"throughput_ratio_c16_min": 0.90, "median_ttft_delta_c1_max_ms": 30.0},
     }
     (RESULTS / "overhead.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -191,7 +277,7 @@ def main() -> int:
               f"{'TPOT p50':>9} {'TPOT p99':>9}")
     print(header)
     print("-" * len(header))
-    for target in ("vllm", "roundhouse"):
+    for target in ("vllm", "roundhouse", "gateway"):
         for c in map(str, args.concurrency):
             m = results[target][c]
             print(f"{target:<11} {c:>4} {_fmt(m['output_throughput']):>9} "
@@ -201,7 +287,12 @@ def main() -> int:
     for c, r in ratios.items():
         print(f"concurrency {c}: throughput {r['throughput_ratio']:.3f}x of vLLM, "
               f"median TTFT {r['median_ttft_delta_ms']:+.1f} ms, "
-              f"median TPOT {r['median_tpot_ratio']:.3f}x")
+              f"median TPOT {r['median_tpot_ratio']:.3f}x; gateway on: throughput "
+              f"{r['gateway_throughput_ratio']:.3f}x of off, median TTFT "
+              f"{r['gateway_median_ttft_delta_ms']:+.1f} ms")
+    for part, q in gateway_us.items():
+        print(f"gateway work per request in process, {part}: p50 {q['p50']} us, "
+              f"p99 {q['p99']} us")
     return 0
 
 

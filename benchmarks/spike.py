@@ -1,18 +1,20 @@
 """The seed's failure mode on the local model: mixed traffic in which one request in ten asks for
 an output 8x longer than the rest, with Roundhouse's KV admission on versus off, in one run.
 
-One SmolLM2 engine (float32, eager, 1 GiB of KV cache, one core) behind Roundhouse, deployed
-twice with the same settings except `limits.admission`. A client keeps `--concurrency` streaming
-completions in flight, prompts of `--prompt-words` words, outputs of `--short` tokens and every
-tenth of `--long` tokens (`ignore_eos`), so the KV demand exceeds the cache and, without
-admission, vLLM preempts and recomputes. Measured per mode: time to first token of the short
-requests (p50/p99), output throughput, and refusals (429 are declared statuses, counted).
-Writes benchmarks/results/spike.json.
+One SmolLM2 engine (float32, eager, one core) with a KV cache of `--kv-mib` MiB (~46 KB per token,
+so 256 MiB holds ~5.8k tokens) behind Roundhouse, deployed twice with the same settings except
+`limits.admission`. A client keeps `--concurrency` streaming completions in flight, prompts of
+`--prompt-words` words, outputs of `--short` tokens and every tenth of `--long` tokens
+(`ignore_eos`). Long requests live 8x longer, so they pile up: without admission they fill the
+cache, vLLM preempts and recomputes, and short requests wait for blocks; with it, long ones hold
+at most `large_request_share` of the budget and short ones keep the rest. Measured per mode:
+time to first token of the short requests (p50/p99), output throughput, refusals (429 are
+declared statuses, counted). Writes benchmarks/results/spike.json.
 
 Targets (issue 6): short-request p99 TTFT with admission on <= 0.5x of off; total throughput
 >= 0.9x of off.
 
-    python benchmarks/spike.py [--requests 120] [--concurrency 64]
+    python benchmarks/spike.py [--requests 240] [--concurrency 32] [--kv-mib 256]
 """
 
 from __future__ import annotations
@@ -45,11 +47,21 @@ def _percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def roundhouse(admission: bool, log: Path) -> contextlib.AbstractContextManager[str]:
+def engine_settings(kv_mib: int) -> tuple[dict[str, Any], dict[str, str]]:
+    import overhead
+
+    # kv_cache_memory_bytes sizes the cache below VLLM_CPU_KVCACHE_SPACE's 1 GiB steps.
+    env = {k: v for k, v in overhead.ENGINE_ENV.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    return overhead.ENGINE_KWARGS | {"kv_cache_memory_bytes": kv_mib << 20}, env
+
+
+def roundhouse(admission: bool, log: Path, kv_mib: int) -> contextlib.AbstractContextManager[str]:
     from overhead import roundhouse as serve_roundhouse  # the same launch as overhead.py
 
+    engine_kwargs, env = engine_settings(kv_mib)
     return serve_roundhouse(log, {"admission": admission, "max_queued_requests": 1000,
-                                  "queue_timeout_s": 600, "request_timeout_s": 900})
+                                  "queue_timeout_s": 600, "request_timeout_s": 900},
+                            engine_kwargs, env)
 
 
 async def _one(client: httpx.AsyncClient, base: str, prompt: str, max_tokens: int
@@ -102,6 +114,8 @@ async def _traffic(base: str, requests: int, concurrency: int, prompt_words: int
         "output_tokens": tokens, "output_tok_per_s": round(tokens / wall, 1),
         "short_ttft_p50_s": _round(_percentile(short_ttft, 0.5)),
         "short_ttft_p99_s": _round(_percentile(short_ttft, 0.99)),
+        "long_ttft_max_s": _round(max((r["ttft_s"] for r in results
+                                       if r["long"] and r["ttft_s"] is not None), default=None)),
         "long_elapsed_p50_s": _round(_percentile(
             [r["elapsed_s"] for r in results if r["long"] and r["status"] == 200], 0.5)),
     }
@@ -112,20 +126,19 @@ def _round(value: float | None) -> float | None:
 
 
 def main() -> int:
-    import overhead
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=120)
-    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--prompt-words", type=int, default=120)
-    parser.add_argument("--short", type=int, default=128)
-    parser.add_argument("--long", type=int, default=1024)
+    parser.add_argument("--short", type=int, default=64)
+    parser.add_argument("--long", type=int, default=512)
+    parser.add_argument("--kv-mib", type=int, default=256)
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
     runs: dict[str, Any] = {}
     for label, admission in (("admission_off", False), ("admission_on", True)):
         print(f"[spike] {label}: starting Roundhouse", file=sys.stderr, flush=True)
-        with roundhouse(admission, RESULTS / f"spike-{label}.log") as base:
+        with roundhouse(admission, RESULTS / f"spike-{label}.log", args.kv_mib) as base:
             runs[label] = asyncio.run(_traffic(base, args.requests, args.concurrency,
                                                args.prompt_words, args.short, args.long))
         print(f"[spike] {label}: {runs[label]}", file=sys.stderr, flush=True)
@@ -136,9 +149,9 @@ def main() -> int:
                                      else None),
         "throughput_on_vs_off": round(on["output_tok_per_s"] / off["output_tok_per_s"], 3),
     }
+    engine_kwargs, env = engine_settings(args.kv_mib)
     result = {"benchmark": "spike", "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "settings": vars(args) | {"engine_kwargs": overhead.ENGINE_KWARGS,
-                                        "env": overhead.ENGINE_ENV},
+              "settings": vars(args) | {"engine_kwargs": engine_kwargs, "env": env},
               "runs": runs, "ratios": ratios,
               "targets": {"short_ttft_p99_on_vs_off": "<= 0.5", "throughput_on_vs_off": ">= 0.9"}}
     (RESULTS / "spike.json").write_text(json.dumps(result, indent=2) + "\n")

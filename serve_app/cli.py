@@ -50,6 +50,41 @@ def _check_config(args: argparse.Namespace) -> int:
     fallbacks = ", ".join(f"{k} -> {v}" for k, v in config.routing.fallbacks.items())
     print(f"routing: {rules or 'no rules'}; otherwise {config.default}"
           + (f"; fallbacks {fallbacks}" if fallbacks else ""))
+    if not config.auth.enabled:
+        print("auth: OFF (anyone who can reach the server may use every model)")
+        return 0
+    from serve_app.auth import load_keys
+
+    try:
+        keys = load_keys(config.auth)
+    except ValueError as exc:
+        print(f"roundhouse check-config: {exc}", file=sys.stderr)
+        return 1
+    admins = sum(k.admin for k in keys)
+    print(f"auth: on, {len(keys)} keys ({admins} admin)")
+    return 0
+
+
+def _make_key(args: argparse.Namespace) -> int:
+    """A new API key, printed once, and its config entry (which holds only the hash)."""
+    import json
+
+    from pydantic import ValidationError
+
+    from serve_app.auth import hash_key, make_key
+    from serve_app.config import ApiKey
+
+    key = make_key()
+    try:
+        entry = ApiKey(name=args.name, sha256=hash_key(key), admin=args.admin,
+                       models=args.models.split(",") if args.models else ["*"],
+                       requests_per_minute=args.rpm, tokens_per_minute=args.tpm)
+    except ValidationError as exc:
+        print(f"roundhouse make-key: {exc.errors(include_url=False)[0]['msg']}", file=sys.stderr)
+        return 1
+    print(f"api key (shown once; give it to the client, store it nowhere else): {key}")
+    print("entry for auth.keys, the keys file or the keys variable's JSON list:")
+    print(json.dumps(entry.model_dump(exclude_none=True)))
     return 0
 
 
@@ -149,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("config")
     check.add_argument("--app", default=None, help="application name (default: the first)")
     check.set_defaults(func=_check_config)
+    key = sub.add_parser("make-key", help="make an API key and print it with its config entry")
+    key.add_argument("--name", required=True, help="who holds the key (shown in logs)")
+    key.add_argument("--admin", action="store_true", help="may use status and admin endpoints")
+    key.add_argument("--models", default=None,
+                     help="comma-separated model names or aliases (default: all)")
+    key.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    key.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    key.set_defaults(func=_make_key)
     res = sub.add_parser("ray-resources",
                          help="print the `ray start --resources` JSON for a config's budget")
     res.add_argument("config")

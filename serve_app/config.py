@@ -167,8 +167,38 @@ class RoutingConfig(_Strict):
 
 class IngressConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024)] = DEFAULT_MAX_BODY_BYTES
+    # Messages in one chat request, and characters of all messages or prompts together
+    # (more: 400 before anything is tokenized).
+    max_messages: Annotated[int, Field(ge=1)] = 2048
+    max_input_chars: Annotated[int, Field(ge=1)] = 2_000_000
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 1024
     num_replicas: Annotated[int, Field(ge=1)] = 1
+
+
+class ApiKey(_Strict):
+    """One API key, stored as the sha256 of the key (`roundhouse make-key` prints both)."""
+
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    # Status and admin endpoints need it.
+    admin: bool = False
+    # Model names or aliases the key may use; ["*"]: all.
+    models: list[str] = Field(default_factory=lambda: ["*"])
+    requests_per_minute: Annotated[int, Field(ge=1)] | None = None
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = None
+
+
+class AuthConfig(_Strict):
+    """API keys, from any of: inline here, a YAML/JSON file (a list of keys, or {keys: [...]}),
+    an environment variable holding such a JSON list. Auth is on when any source is named."""
+
+    keys: list[ApiKey] = Field(default_factory=list)
+    keys_file: str | None = None
+    keys_env: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.keys) or self.keys_file is not None or self.keys_env is not None
 
 
 class AppConfig(_Strict):
@@ -178,6 +208,7 @@ class AppConfig(_Strict):
     routing: RoutingConfig = Field(default_factory=RoutingConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
     residency: ResidencyConfig = Field(default_factory=ResidencyConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
 
     @model_validator(mode="after")
     def _check_names(self) -> AppConfig:
@@ -199,7 +230,20 @@ class AppConfig(_Strict):
                 f"{', '.join(m.name for m in self.models)}"
             )
         self._check_routing(seen)
+        self._check_keys(self.auth.keys, seen)
         return self
+
+    @staticmethod
+    def _check_keys(keys: list[ApiKey], names: dict[str, str]) -> None:
+        seen: set[str] = set()
+        for key in keys:
+            if key.name in seen:
+                raise ValueError(f"auth: key name {key.name!r} is used twice")
+            seen.add(key.name)
+            unknown = [m for m in key.models if m != "*" and m not in names]
+            if unknown:
+                raise ValueError(f"auth: key {key.name!r} names unknown models "
+                                 f"{', '.join(unknown)}; known: {', '.join(names)}")
 
     def _check_routing(self, names: dict[str, str]) -> None:
         rule_names: set[str] = set()

@@ -135,5 +135,6 @@ def error_payload(exc: BaseException, request_id: str) -> tuple[int, dict[str, A
         status, etype, code, param = 500, "internal_error", "internal_error", None
         message = f"internal error; quote request id {request_id} when reporting it"
         logger.error("request %s: unhandled %s", request_id, type(exc).__name__, exc_info=exc)
-    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code,
+                      "request_id": request_id}}
     return status, body, headers

@@ -23,19 +23,24 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from deployments.engine import PromptTooLong
+from serve_app.auth import KeyTable, Principal, load_keys
 from serve_app.config import AppConfig
 from serve_app.errors import (
     BadRequest,
+    Forbidden,
     MethodNotAllowed,
     ModelDraining,
     ModelNotFound,
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    RateLimited,
+    UnsupportedMediaType,
     error_payload,
     is_replica_lost,
     unwrap,
 )
+from serve_app.policy.ratelimit import RateLimiter, Verdict
 from serve_app.policy.routing import RouteDecision
 from serve_app.protocol import (
     ChatCompletionRequest,
@@ -76,6 +81,11 @@ def _request_id(request: Request) -> str:
 
 # A request the evicted replica turned away goes through the controller again, this often.
 _MAX_ATTEMPTS = 3
+# Paths that need no key, and paths that need an admin key (when auth is on).
+_OPEN_PATHS = frozenset({"/health"})
+_ADMIN_PATHS = frozenset({"/v1/status"})
+# Paths that count against a key's requests per minute.
+_GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
 
 class Ingress:
@@ -85,6 +95,15 @@ class Ingress:
         await self._residency.start()
         self._names = self._config.lookup()
         self._router = build_router(self._config)
+        # A key source that cannot be read fails the deploy: auth never silently falls open.
+        self._keys = KeyTable(self._config.auth.enabled, load_keys(self._config.auth),
+                              self._names)
+        if not self._keys.enabled:
+            logger.warning("auth is OFF: anyone who can reach this server may use every model "
+                           "and the status endpoint; set auth.keys, auth.keys_file or "
+                           "auth.keys_env (see `roundhouse make-key`)")
+        # Each ingress replica enforces its share of every key's limits (README, Gateway).
+        self._limiter = RateLimiter(share=1 / self._config.ingress.num_replicas)
         # Each model's tokenizer, loaded once (off the event loop: transformers is slow to import).
         self._counters: dict[str, TokenCounter] = await asyncio.to_thread(
             lambda: {m.name: counter_for(m) for m in self._config.models})
@@ -97,6 +116,7 @@ class Ingress:
             "/v1/completions": {"POST": self._completions},
             "/v1/models": {"GET": self._models},
             "/v1/route": {"POST": self._route},
+            "/v1/status": {"GET": self._status},
             "/health": {"GET": self._health},
         }
         # Everything built so far (imports, config, the router's tables) lives as long as the
@@ -107,6 +127,7 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         request_id = _request_id(request)
         started = time.perf_counter()
+        request.state.limit_headers = limit_headers = {}
         try:
             response = await self._dispatch(request, request_id)
         except Exception as exc:
@@ -115,6 +136,8 @@ class Ingress:
             if route is not None:
                 headers = {**route.headers(), **headers}
             response = _json_response(body, status, headers)
+        if limit_headers:
+            response.headers.update(limit_headers)
         if request.url.path != "/health":
             route = getattr(request.state, "route", None)
             # The decision's reason names features and scores, never the request's text.
@@ -127,8 +150,16 @@ class Ingress:
     async def _dispatch(self, request: Request, request_id: str) -> Response:
         path = request.url.path.rstrip("/") or "/"
         methods = self._routes.get(path)
+        if path not in _OPEN_PATHS:
+            principal = self._keys.authenticate(request.headers.get("authorization"))
+            request.state.principal = principal
+            if path in _ADMIN_PATHS:
+                self._keys.require_admin(principal)
+            if path in _GENERATION_PATHS and methods is not None and request.method == "POST":
+                self._charge(request, self._limiter.request(
+                    principal.name, principal.limits, time.monotonic()))
         if methods is None and path.startswith("/v1/models/"):
-            return await self._model(path.removeprefix("/v1/models/"))
+            return await self._model(request, path.removeprefix("/v1/models/"))
         if methods is None:
             raise NotFound(f"no route for {request.method} {path}")
         handler = methods.get(request.method)
@@ -137,9 +168,51 @@ class Ingress:
                                    f"use {', '.join(methods)}")
         return await handler(request, request_id)
 
+    @staticmethod
+    def _charge(request: Request, verdict: Verdict) -> None:
+        """Records a rate-limit check's headers for the response; refuses when over."""
+        request.state.limit_headers.update(verdict.headers)
+        if verdict.allowed:
+            return
+        principal: Principal = request.state.principal
+        per_minute = verdict.headers[f"x-ratelimit-limit-{verdict.kind}"]
+        if verdict.retry_after_s == float("inf"):
+            raise RateLimited(f"this request needs more {verdict.kind} than the API key "
+                              f"{principal.name} may use in a minute ({per_minute}); ask for "
+                              "fewer tokens (max_tokens, a shorter prompt)",
+                              code=f"{verdict.kind}_limit_exceeded")
+        raise RateLimited(f"rate limit of {per_minute} {verdict.kind} per minute reached for "
+                          f"API key {principal.name}; retry after {verdict.retry_after_s:.1f} s",
+                          code=f"{verdict.kind}_limit_exceeded",
+                          retry_after_s=max(1.0, verdict.retry_after_s))
+
+    def _permit(self, request: Request, decision: RouteDecision) -> RouteDecision:
+        """The decision if the key may use its model; for a routed (not named) request, the
+        first model of the fallback chain, then the default model, that the key may use."""
+        principal: Principal = request.state.principal
+        if principal.may_use(decision.model):
+            return decision
+        if decision.rule != "explicit":
+            seen = {decision.model}
+            candidate = self._router.fallback(decision.model)
+            while candidate is not None and candidate not in seen:
+                if principal.may_use(candidate):
+                    return decision.with_fallback(candidate, "not allowed for this API key")
+                seen.add(candidate)
+                candidate = self._router.fallback(candidate)
+            default = self._config.default
+            if principal.may_use(default):
+                return decision.with_fallback(default, "not allowed for this API key")
+        raise Forbidden(f"the API key {principal.name} may not use model {decision.model}",
+                        param="model")
+
     # --- request parsing ------------------------------------------------------------------
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
+        media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaType(f"content type {media!r} is not supported; send the "
+                                       "body as JSON with 'Content-Type: application/json'")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self._max_body:
             raise PayloadTooLarge(f"request body is {declared} bytes; the limit is "
@@ -168,16 +241,31 @@ class Ingress:
     async def _parse(self, request: Request, schema: type[_Body]) -> _Body:
         body = await self._read_json(request)
         try:
-            return schema.model_validate(body)
+            parsed = schema.model_validate(body)
         except ValidationError as exc:
             message, param = validation_message(exc)
             raise BadRequest(message, param=param) from None
+        limits = self._config.ingress
+        if isinstance(parsed, ChatCompletionRequest):
+            if len(parsed.messages) > limits.max_messages:
+                raise BadRequest(f"{len(parsed.messages)} messages; at most "
+                                 f"{limits.max_messages} are allowed", param="messages",
+                                 code="too_many_messages")
+            chars, param = sum(len(m.text()) for m in parsed.messages), "messages"
+        else:
+            chars, param = sum(map(len, parsed.prompts())), "prompt"
+        if chars > limits.max_input_chars:
+            raise BadRequest(f"the input has {chars} characters; at most "
+                             f"{limits.max_input_chars} are allowed", param=param,
+                             code="input_too_long")
+        return parsed
 
     def _decide(self, request: Request, parsed: ChatCompletionRequest | CompletionRequest
                 ) -> RouteDecision:
         decision = decide(self._router,
                           route_input(parsed, request.headers.get(QUALITY_HEADER)))
         request.state.route = decision
+        decision = request.state.route = self._permit(request, decision)
         return decision
 
     async def _chat(self, request: Request, request_id: str) -> Response:
@@ -196,19 +284,22 @@ class Ingress:
         model is failed or cannot be loaded (before anything was sent to the client)."""
         decision: RouteDecision = request.state.route
         try:
-            return await self._generate(call, decision)
+            return await self._generate(request, call, decision)
         except Exception as exc:
             cause = unwrap(exc)
             fallback = self._router.fallback(call.model)
             if fallback is None or not (isinstance(cause, ModelUnavailable)
                                         or is_replica_lost(cause)):
                 raise
+            if not request.state.principal.may_use(fallback):
+                raise
             why = cause.message if isinstance(cause, ModelUnavailable) else "replica lost"
             decision = decision.with_fallback(fallback, why)
             request.state.route = decision
             logger.warning("request %s: %s unavailable, serving with fallback %s",
                            call.request_id, call.model, fallback)
-            return await self._generate(dataclasses.replace(call, model=fallback), decision)
+            return await self._generate(request, dataclasses.replace(call, model=fallback),
+                                        decision)
 
     async def _limit(self, call: GenerateCall) -> GenerateCall:
         """Applies the model's output cap and checks prompt + max_tokens against its context,
@@ -244,8 +335,26 @@ class Ingress:
         sampling = dataclasses.replace(call.sampling, max_tokens=max_tokens)
         return dataclasses.replace(call, sampling=sampling, prompt_tokens=prompts)
 
-    async def _generate(self, call: GenerateCall, decision: RouteDecision) -> Response:
+    def _charge_tokens(self, request: Request, call: GenerateCall) -> None:
+        """Tokens per minute, charged up front as OpenAI counts them: prompt + max_tokens for
+        every output (the rest of the context when max_tokens is unset)."""
+        if getattr(request.state, "tokens_charged", False):
+            return  # a fallback's second count is not charged again
+        request.state.tokens_charged = True
+        principal: Principal = request.state.principal
+        if principal.limits.tokens_per_minute is None:
+            return
+        context = max_model_len(self._config.model(call.model))
+        asked = call.sampling.max_tokens
+        total = sum(p + (asked if asked is not None else max(0, (context or p) - p))
+                    for p in call.prompt_tokens) * call.sampling.n
+        self._charge(request, self._limiter.tokens(principal.name, principal.limits, total,
+                                                   time.monotonic()))
+
+    async def _generate(self, request: Request, call: GenerateCall,
+                        decision: RouteDecision) -> Response:
         call = await self._limit(call)
+        self._charge_tokens(request, call)
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             # Loads the model first if it is cold (waiting, bounded) or refuses with a 503.
             await self._residency.ready(call.model)
@@ -316,16 +425,20 @@ class Ingress:
         return _json_response(result, headers=decision.headers())
 
     async def _models(self, request: Request, request_id: str) -> Response:
+        principal: Principal = request.state.principal
         cards = [model_card(m.name, self._created, m.model or m.name)
-                 for m in self._config.models]
+                 for m in self._config.models if principal.may_use(m.name)]
         return _json_response({"object": "list", "data": cards})
 
-    async def _model(self, model_id: str) -> Response:
+    async def _model(self, request: Request, model_id: str) -> Response:
         name = self._names.get(model_id)
-        if name is None or name != model_id:
+        if name is None or name != model_id or not request.state.principal.may_use(name):
             raise ModelNotFound(f"the model {model_id!r} does not exist", param="model")
         m = self._config.model(name)
         return _json_response(model_card(m.name, self._created, m.model or m.name))
+
+    async def _status(self, request: Request, request_id: str) -> Response:
+        return _json_response(await self._residency.status())
 
     async def _health(self, request: Request, request_id: str) -> Response:
         return _json_response({"status": "ok"})

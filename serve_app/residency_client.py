@@ -56,6 +56,11 @@ class ResidencyClient:
             await actor.configure.remote(self._config)
         self._actor = actor
 
+    async def status(self) -> dict[str, Any]:
+        """The controller's view of every model (states, memory, decisions)."""
+        result: dict[str, Any] = await self._actor.status.remote()
+        return result
+
     def _usage(self) -> tuple[dict[str, int], list[str]]:
         counts, self._counts = dict(self._counts), Counter()
         return counts, [m for m, n in self._busy.items() if n > 0]

@@ -10,13 +10,14 @@ from serve_app import errors
 @pytest.mark.parametrize("cls,status", [
     (errors.BadRequest, 400), (errors.Unauthorized, 401), (errors.Forbidden, 403),
     (errors.ModelNotFound, 404), (errors.PayloadTooLarge, 413), (errors.RateLimited, 429),
+    (errors.Unauthorized, 401), (errors.Forbidden, 403), (errors.UnsupportedMediaType, 415),
     (errors.ModelUnavailable, 503), (errors.GenerationTimeout, 504),
 ])
 def test_table(cls: type[errors.RoundhouseError], status: int) -> None:
     code, body, _ = errors.error_payload(cls("why", param="p"), "rid")
     assert code == status
     assert body == {"error": {"message": "why", "type": cls.type, "param": "p",
-                              "code": cls.code}}
+                              "code": cls.code, "request_id": "rid"}}
 
 
 def test_retry_after_header() -> None:
