@@ -56,6 +56,20 @@ def _wait_http(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None 
     raise TimeoutError(f"{url} not ready after {timeout_s} s")
 
 
+def _wait_port_free(port: int, timeout_s: float = 120) -> None:
+    """The previous server (its Ray proxy outlives `serve run` by a few seconds) must be gone,
+    or the next run's readiness checks would be answered by it."""
+    import socket
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        time.sleep(0.5)  # polling interval while the old server exits
+    raise RuntimeError(f"port {port} is still taken after {timeout_s:.0f} s")
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGINT)
@@ -103,6 +117,7 @@ def roundhouse(log: Path, limits: dict[str, Any] | None = None,
     config = serve_config({"models": [model], **(app_args or {})}, ROUNDHOUSE_PORT)
     config_path = RESULTS / "roundhouse_bench_config.json"
     config_path.write_text(json.dumps(config))
+    _wait_port_free(ROUNDHOUSE_PORT)
     serve_env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     serve = str(Path(sys.executable).parent / "serve")
     with log.open("wb") as out:
