@@ -5,6 +5,8 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.roundhouse-installed
 CONFIG ?= configs/local.yaml
 PORT   ?= 8000
+# Ray's Prometheus endpoint (http://127.0.0.1:8080/metrics) when `make serve` starts Ray.
+METRICS_PORT ?= 8080
 PYTEST_ARGS ?=
 
 # The local Ray cluster listens on loopback only; Ray 2.60 would otherwise turn on token auth,
@@ -36,13 +38,13 @@ models: install
 # models that do not fit together (see README, "Residency").
 serve: models
 	@$(BIN)/ray status >/dev/null 2>&1 || $(BIN)/ray start --head --disable-usage-stats \
-	  --dashboard-host 127.0.0.1 --include-dashboard true \
+	  --dashboard-host 127.0.0.1 --include-dashboard true --metrics-export-port $(METRICS_PORT) \
 	  --resources '$(shell $(BIN)/roundhouse ray-resources $(CONFIG) 2>/dev/null || echo {})'
 	$(BIN)/serve deploy $(CONFIG)
 	$(BIN)/roundhouse wait-ready --url http://127.0.0.1:$(PORT)
 
 status:
-	$(BIN)/serve status
+	$(BIN)/roundhouse status
 
 stop:
 	-$(BIN)/serve shutdown -y

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from serve_app.config import ModelLimits
 from serve_app.errors import BadRequest, RateLimited
@@ -24,8 +24,10 @@ LARGE_DIVISOR = 16
 
 class KvAdmission:
     def __init__(self, model: str, capacity_tokens: int, limits: ModelLimits,
-                 max_bypass: int = 16) -> None:
+                 max_bypass: int = 16,
+                 on_change: Callable[[dict[str, int]], None] | None = None) -> None:
         self._model = model
+        self._on_change = on_change
         self._limits = limits
         # An engine that cannot say its KV capacity gets no gate (the engine queues on its own).
         self._enabled = capacity_tokens > 0 and limits.admission
@@ -65,6 +67,7 @@ class KvAdmission:
         except AdmissionError as exc:
             raise BadRequest(f"model {self._model}: {exc}", param="max_tokens") from None
         self._wake(a for a in admitted if a != key)
+        self._changed()
         if key in admitted:
             return
         waiting = len(self._ledger.waiting)
@@ -90,6 +93,11 @@ class KvAdmission:
     def _release(self, key: str) -> None:
         self._admitted.pop(key, None)
         self._wake(self._ledger.release(key))
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change(self.stats())
 
     def _wake(self, keys: Iterable[str]) -> None:
         for key in keys:

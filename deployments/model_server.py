@@ -26,6 +26,7 @@ from deployments.engine import (
     PromptTooLong,
 )
 from deployments.kv_admission import KvAdmission
+from serve_app import metrics
 from serve_app.config import ModelConfig
 from serve_app.errors import BadRequest, GenerationTimeout, ModelDraining, ModelUnavailable
 from serve_app.protocol import (
@@ -90,7 +91,12 @@ class ModelServer:
             await _report("model_failed", self._name, cause)
             raise EngineError(f"model {self._name}: {cause}") from exc
         capacity = await self._engine.kv_capacity_tokens()
-        self._admission = KvAdmission(self._name, capacity, self._config.limits)
+        recorder = metrics.model()
+        self._admission = KvAdmission(
+            self._name, capacity, self._config.limits,
+            on_change=lambda stats: recorder.admission(self._name,
+                                                       {**stats, "in_flight": self._in_flight}))
+        recorder.admission(self._name, self._admission.stats())
         logger.info("model %s: engine ready, KV budget %d of %d tokens", self._name,
                     self._admission.budget_tokens, capacity)
         await _report("model_ready", self._name, _engine_processes(), _node_id())

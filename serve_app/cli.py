@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from serve_app.config import AppConfig
@@ -163,7 +163,7 @@ def _wait_ready(args: argparse.Namespace) -> int:
             return 1
         if state == "RUNNING":
             try:
-                with urllib.request.urlopen(f"{args.url}/v1/models", timeout=10) as resp:
+                with urllib.request.urlopen(f"{args.url}/health", timeout=10) as resp:
                     if resp.status == 200:
                         print(f"Roundhouse is serving the OpenAI API at {args.url}/v1")
                         return 0
@@ -172,6 +172,75 @@ def _wait_ready(args: argparse.Namespace) -> int:
         time.sleep(2)  # polling interval of a status loop, not synchronisation
     print(f"roundhouse wait-ready: not ready after {args.timeout:.0f} s", file=sys.stderr)
     return 1
+
+
+def _ago(then: float | None, now: float) -> str:
+    if then is None:
+        return "-"
+    seconds = max(0.0, now - then)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def status_table(status: dict[str, Any], now: float) -> str:
+    """`GET /v1/status` as the table `roundhouse status` prints."""
+    header = ("MODEL", "STATE", "MEMORY", "REPLICAS", "LAST USE", "IN FLIGHT", "WAITING",
+              "KV RESERVED", "LAST DECISION")
+    rows = []
+    for name, m in status.get("models", {}).items():
+        kv = (f"{m['kv_reserved_tokens']}/{m['kv_budget_tokens']}"
+              if m.get("kv_budget_tokens") else "-")
+        waiting = m.get("waiting_requests", 0) + (m.get("queued_requests") or 0)
+        decision = m.get("last_decision") or {}
+        last_use = now - m["idle_s"] if m.get("idle_s") is not None else None
+        rows.append((name, m["state"] + (" (pinned)" if m.get("pinned") else ""),
+                     f"{m['memory_gib']:.1f} GiB",
+                     f"{m['running_replicas']}/{m['desired_replicas']}",
+                     _ago(last_use, now), str(m.get("in_flight", "-")), str(waiting), kv,
+                     decision.get("message", "-")[:70]))
+    widths = [max(len(str(r[i])) for r in (header, *rows)) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+             for row in (header, *rows)]
+    budget = status.get("budget_gib")
+    if budget is not None:
+        lines.append(f"\nmemory: {status.get('held_gib', 0):.1f} of {budget:.1f} GiB held")
+    loads = status.get("recent_loads") or []
+    if loads:
+        lines.append("recent loads: " + ", ".join(
+            f"{x['model']} {x['outcome']} in {x['duration_s']:.1f} s ({_ago(x['finished'], now)})"
+            for x in loads[-5:]))
+    return "\n".join(lines)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import os
+    import time
+    import urllib.error
+    import urllib.request
+
+    key = args.api_key or os.environ.get("ROUNDHOUSE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    request = urllib.request.Request(f"{args.url}/v1/status")
+    if key:
+        request.add_header("authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            status = json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = exc.reason
+        print(f"roundhouse status: {exc.code}: {message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"roundhouse status: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2) if args.json else status_table(status, time.time()))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     route.add_argument("--quality", default=None, choices=["high", "standard"],
                        help="as if every request carried X-Roundhouse-Quality")
     route.set_defaults(func=_route)
+    stat = sub.add_parser("status", help="per model: state, memory, replicas, requests, KV, "
+                                         "last decision (GET /v1/status)")
+    stat.add_argument("--url", default="http://127.0.0.1:8000")
+    stat.add_argument("--api-key", default=None,
+                      help="an admin key when auth is on (default: $ROUNDHOUSE_API_KEY, then "
+                           "$OPENAI_API_KEY)")
+    stat.add_argument("--json", action="store_true", help="print the JSON as it comes")
+    stat.set_defaults(func=_status)
     wait = sub.add_parser("wait-ready", help="wait until the deployed app serves requests")
     wait.add_argument("--url", default="http://127.0.0.1:8000")
     wait.add_argument("--app", default="roundhouse")

@@ -36,8 +36,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from serve_app import metrics
 from serve_app.config import AppConfig, ModelConfig, ResidencyConfig, deployment_name
 from serve_app.errors import ModelNotFound, ModelUnavailable
+from serve_app.metrics import ControllerMetrics, NullControllerMetrics
 from serve_app.policy.residency import (
     HOLDING,
     Action,
@@ -131,8 +133,10 @@ class ResidencyController:
         actuator: Actuator,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        metrics: ControllerMetrics | None = None,
     ) -> None:
         self._actuator = actuator
+        self._metrics = metrics or NullControllerMetrics()
         self._clock = clock
         self._sleep = sleep
         self._config: AppConfig | None = None
@@ -141,6 +145,8 @@ class ResidencyController:
         self._observed_at = -math.inf
         self._configured_at = 0.0
         self._decisions: deque[tuple[float, str]] = deque(maxlen=500)
+        self._last_decision: dict[str, tuple[float, str]] = {}
+        self._loads: deque[dict[str, Any]] = deque(maxlen=20)
 
     # --- configuration ----------------------------------------------------------------------
 
@@ -165,6 +171,8 @@ class ResidencyController:
             if name not in models:
                 self._fail_waiters(old, ModelNotFound(f"the model {name!r} was removed"))
         self._models = models
+        for m in models.values():
+            self._metrics.set_state(m.name, str(m.state))
         self._by_deployment = {deployment_name(n): n for n in models}
         self._config = parsed
         self._configured_at = now
@@ -304,6 +312,7 @@ class ResidencyController:
 
     def _set(self, m: _Model, state: State) -> None:
         m.state, m.since = state, self._clock()
+        self._metrics.set_state(m.name, str(state))
 
     def reconcile(self) -> None:
         """One pass over every model: observed transitions, idle stops, then pending loads.
@@ -346,6 +355,9 @@ class ResidencyController:
         if m.state == State.LOADING:
             if m.running >= 1 and fresh:
                 m.last_load_s = now - m.since
+                self._metrics.loaded(m.name, m.last_load_s)
+                self._loads.append({"model": m.name, "finished": time.time(),
+                                    "duration_s": round(m.last_load_s, 1), "outcome": "ready"})
                 self._set(m, State.ACTIVE)
                 m.failures, m.error, m.preload, m.pending, m.blocked = 0, "", False, False, ""
                 m.last_used_s = max(m.last_used_s, now)
@@ -426,6 +438,7 @@ class ResidencyController:
                     f"{now - m.first_wait:.0f} s", retry_after_s=30))
             return
         self._set(m, State.LOADING)
+        self._metrics.load_started(m.name)
         m.desired, m.pending, m.blocked = 1, False, ""
         why = "pinned" if m.config.pinned else "preload" if m.preload else (
             f"{len(m.waiters)} waiting")
@@ -437,7 +450,12 @@ class ResidencyController:
         m.failures += 1
         backoff = failure_backoff_s(m.failures, limits.failure_backoff_s,
                                     limits.max_failure_backoff_s)
+        if m.state == State.LOADING:
+            self._loads.append({"model": m.name, "finished": time.time(),
+                                "duration_s": round(self._clock() - m.since, 1),
+                                "outcome": "failed"})
         self._set(m, State.FAILED)
+        self._metrics.failed(m.name)
         m.desired, m.pending, m.blocked = 0, False, ""
         m.error = _short(error)
         m.retry_at = self._clock() + backoff
@@ -458,6 +476,7 @@ class ResidencyController:
         if reason:
             self._log(reason)
         self._set(m, State.DRAINING)
+        self._metrics.evicted(m.name)
         m.drain_task = asyncio.get_running_loop().create_task(self._drain(m))
 
     async def _drain(self, m: _Model) -> None:
@@ -517,15 +536,21 @@ class ResidencyController:
 
     # --- reporting ---------------------------------------------------------------------------------
 
-    def _log(self, message: str, level: int = logging.INFO) -> None:
+    def _log(self, message: str, level: int = logging.INFO, model: str | None = None) -> None:
         if level >= logging.INFO:
-            self._decisions.append((time.time(), message))
+            now = time.time()
+            self._decisions.append((now, message))
+            # Decisions read "<verb> <model>: why" (or are logged with their model).
+            head = message.partition(":")[0].split()
+            subject = model or (head[-1] if head and head[-1] in self._models else None)
+            if subject is not None:
+                self._last_decision[subject] = (now, message)
         logger.log(level, message)
 
     def _log_once(self, m: _Model, message: str, level: int = logging.INFO) -> None:
         if message != m.last_logged:
             m.last_logged = message
-            self._log(message, level)
+            self._log(message, level, model=m.name)
 
     def status(self) -> dict[str, Any]:
         now = self._clock()
@@ -548,6 +573,7 @@ class ResidencyController:
                 "last_load_s": round(m.last_load_s, 1) if m.last_load_s else None,
                 "blocked": m.blocked or None,
                 "error": m.error or None,
+                "last_decision": self._decision_dict(self._last_decision.get(m.name)),
             }
         return {
             "budget_gib": self._budget if self._config else None,
@@ -555,7 +581,12 @@ class ResidencyController:
             "observed_s_ago": round(now - self._observed_at, 1) if self._fresh(now) else None,
             "models": models,
             "decisions": [{"time": t, "message": msg} for t, msg in self._decisions],
+            "recent_loads": list(self._loads),
         }
+
+    @staticmethod
+    def _decision_dict(decision: tuple[float, str] | None) -> dict[str, Any] | None:
+        return None if decision is None else {"time": decision[0], "message": decision[1]}
 
 
 def _short(text: str, limit: int = 300) -> str:
@@ -634,7 +665,8 @@ def _make_actor_class() -> Any:
             logger.handlers[:] = [handler]
             logger.setLevel(logging.INFO)
             logger.propagate = False
-            self._core = ResidencyController(RayActuator(app_name))
+            self._core = ResidencyController(RayActuator(app_name),
+                                             metrics=metrics.controller())
             self._loop_task: asyncio.Task[None] | None = None
 
         def _start(self) -> None:

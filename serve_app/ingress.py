@@ -23,6 +23,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from deployments.engine import PromptTooLong
+from serve_app import metrics
 from serve_app.auth import KeyTable, Principal, load_keys
 from serve_app.config import AppConfig
 from serve_app.errors import (
@@ -70,17 +71,21 @@ def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None 
                     headers=headers, media_type="application/json")
 
 
-def _request_id(request: Request) -> str:
-    # Serve's proxy takes the client's x-request-id (or makes one), puts it in the request
-    # headers and echoes it on the response; we only reuse it for errors and logs.
-    given = request.headers.get("x-request-id", "")
-    if 0 < len(given) <= _MAX_REQUEST_ID_LEN and given.isprintable():
-        return given
-    return uuid.uuid4().hex
+def _request_id(request: Request) -> tuple[str, str]:
+    """(the request id, a form of it safe for logs and engine request ids). Serve's proxy takes
+    the client's x-request-id (or makes one), puts it in the request headers and echoes it on
+    the response; error bodies carry the same value."""
+    given = request.headers.get("x-request-id") or uuid.uuid4().hex
+    if len(given) <= _MAX_REQUEST_ID_LEN and given.isprintable():
+        return given, given
+    return given, given[:_MAX_REQUEST_ID_LEN].encode("ascii", "backslashreplace").decode()
 
 
 # A request the evicted replica turned away goes through the controller again, this often.
 _MAX_ATTEMPTS = 3
+# What /v1/status adds from a running model's replica.
+_LIVE_STATS = ("in_flight", "queued_requests", "kv_reserved_tokens", "kv_budget_tokens",
+               "kv_capacity_tokens")
 # Paths that need no key, and paths that need an admin key (when auth is on).
 _OPEN_PATHS = frozenset({"/health"})
 _ADMIN_PATHS = frozenset({"/v1/status"})
@@ -104,6 +109,7 @@ class Ingress:
                            "auth.keys_env (see `roundhouse make-key`)")
         # Each ingress replica enforces its share of every key's limits (README, Gateway).
         self._limiter = RateLimiter(share=1 / self._config.ingress.num_replicas)
+        self._metrics = metrics.ingress()
         # Each model's tokenizer, loaded once (off the event loop: transformers is slow to import).
         self._counters: dict[str, TokenCounter] = await asyncio.to_thread(
             lambda: {m.name: counter_for(m) for m in self._config.models})
@@ -125,13 +131,15 @@ class Ingress:
         gc.freeze()
 
     async def __call__(self, request: Request) -> Response:
-        request_id = _request_id(request)
-        started = time.perf_counter()
+        echoed_id, request_id = _request_id(request)
+        started = request.state.started = time.perf_counter()
         request.state.limit_headers = limit_headers = {}
+        code: str | None = None
         try:
             response = await self._dispatch(request, request_id)
         except Exception as exc:
-            status, body, headers = error_payload(exc, request_id)
+            status, body, headers = error_payload(exc, echoed_id)
+            code = body["error"]["code"]
             route: RouteDecision | None = getattr(request.state, "route", None)
             if route is not None:
                 headers = {**route.headers(), **headers}
@@ -139,13 +147,32 @@ class Ingress:
         if limit_headers:
             response.headers.update(limit_headers)
         if request.url.path != "/health":
-            route = getattr(request.state, "route", None)
-            # The decision's reason names features and scores, never the request's text.
-            logger.info("request %s %s %s -> %d in %.1f ms%s", request_id, request.method,
-                        request.url.path, response.status_code,
-                        (time.perf_counter() - started) * 1000,
-                        _route_log(route) if route is not None else "")
+            self._record(request, request_id, response, code, time.perf_counter() - started)
         return response
+
+    def _record(self, request: Request, request_id: str, response: Response, code: str | None,
+                elapsed_s: float) -> None:
+        route: RouteDecision | None = getattr(request.state, "route", None)
+        status = response.status_code
+        streaming = isinstance(response, StreamingResponse)
+        model, rule = (route.model, route.rule) if route is not None else ("none", "none")
+        principal: Principal | None = getattr(request.state, "principal", None)
+        # Fields for JSON logs (Serve's logging_config encoding: JSON); the text line says the
+        # same. The decision's reason names features and scores, never the request's text.
+        fields = {"request_id": request_id, "method": request.method,
+                  "path": request.url.path, "status_code": status, "model": model,
+                  "rule": rule, "stream": streaming,
+                  ("ttft_ms" if streaming else "duration_ms"): round(elapsed_s * 1000, 1),
+                  "key": principal.name if principal is not None else None}
+        logger.info("request %s %s %s -> %d in %.1f ms%s%s", request_id, request.method,
+                    request.url.path, status, elapsed_s * 1000,
+                    " (first token; streaming)" if streaming else "",
+                    _route_log(route) if route is not None else "", extra=fields)
+        self._metrics.request(model, rule, status)
+        if status in (401, 403, 429):
+            self._metrics.refused(model, code or str(status))
+        if not streaming:  # a stream records itself at its end
+            self._metrics.finished(model, False, elapsed_s)
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
         path = request.url.path.rstrip("/") or "/"
@@ -359,17 +386,21 @@ class Ingress:
             # Loads the model first if it is cold (waiting, bounded) or refuses with a 503.
             await self._residency.ready(call.model)
             try:
-                return await self._forward(call, decision.headers())
+                return await self._forward(call, decision.headers(), request.state.started)
             except Exception as exc:
                 if not isinstance(unwrap(exc), ModelDraining) or attempt == _MAX_ATTEMPTS:
                     raise
                 self._residency.invalidate(call.model)
         raise AssertionError("unreachable")
 
-    async def _forward(self, call: GenerateCall, headers: dict[str, str]) -> Response:
+    async def _forward(self, call: GenerateCall, headers: dict[str, str],
+                       started: float) -> Response:
         if not call.stream:
             with self._residency.busy(call.model):
                 result = await self._handles[call.model].complete.remote(call)
+            usage = result.get("usage") or {}
+            self._metrics.tokens(call.model, usage.get("prompt_tokens", 0),
+                                 usage.get("completion_tokens", 0))
             return _json_response(result, headers=headers)
         stream: DeploymentResponseGenerator = self._stream_handles[call.model].stream.remote(call)
         try:
@@ -379,12 +410,14 @@ class Ingress:
         except BaseException:
             stream.cancel()
             raise
+        self._metrics.first_token(call.model, time.perf_counter() - started)
         headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return StreamingResponse(self._sse(first, stream, call),
+        return StreamingResponse(self._sse(first, stream, call, started),
                                  media_type="text/event-stream", headers=headers)
 
     async def _sse(
-        self, first: str | StreamEnd, stream: DeploymentResponseGenerator, call: GenerateCall
+        self, first: str | StreamEnd, stream: DeploymentResponseGenerator, call: GenerateCall,
+        started: float,
     ) -> AsyncIterator[str]:
         request_id = call.request_id
         finished = False
@@ -394,6 +427,8 @@ class Ingress:
             while not isinstance(item, StreamEnd):
                 yield item
                 item = await stream.__anext__()
+            self._metrics.tokens(call.model, item.usage.prompt_tokens,
+                                 item.usage.completion_tokens)
             finished = True
             yield _DONE
         except StopAsyncIteration:
@@ -409,6 +444,14 @@ class Ingress:
             yield _DONE
         finally:
             self._residency.leave(call.model)
+            elapsed_s = time.perf_counter() - started
+            self._metrics.finished(call.model, True, elapsed_s)
+            logger.info("request %s stream %s in %.1f ms", request_id,
+                        "finished" if finished else "cancelled by the client",
+                        elapsed_s * 1000, extra={
+                            "request_id": request_id, "model": call.model, "stream": True,
+                            "duration_ms": round(elapsed_s * 1000, 1),
+                            "completed": finished})
             if not finished:
                 stream.cancel()  # client went away: abort the engine request
 
@@ -438,7 +481,21 @@ class Ingress:
         return _json_response(model_card(m.name, self._created, m.model or m.name))
 
     async def _status(self, request: Request, request_id: str) -> Response:
-        return _json_response(await self._residency.status())
+        """The controller's view of every model, with the live numbers of each running one
+        (requests in flight and waiting for KV room, KV reserved) from its replica."""
+        status = await self._residency.status()
+        models: dict[str, dict[str, Any]] = status["models"]
+
+        async def live(name: str) -> None:
+            try:
+                stats = await asyncio.wait_for(self._handles[name].stats.remote(), 2)
+            except Exception:
+                return  # stopping, or busy past the deadline: the controller's view stands
+            models[name].update({key: stats.get(key) for key in _LIVE_STATS})
+
+        await asyncio.gather(*(live(name) for name, info in models.items()
+                               if info["running_replicas"] and name in self._handles))
+        return _json_response(status)
 
     async def _health(self, request: Request, request_id: str) -> Response:
         return _json_response({"status": "ok"})

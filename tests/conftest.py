@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TEST_PORT = int(os.environ.get("ROUNDHOUSE_TEST_PORT", "18000"))
 APP_NAME = "roundhouse"
+# Ray's Prometheus endpoint for the test cluster (tests/serve/test_operations.py).
+METRICS_PORT = int(os.environ.get("ROUNDHOUSE_TEST_METRICS_PORT", "18090"))
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
@@ -46,7 +48,8 @@ def ray_serve() -> Iterator[str]:
     from serve_app.app import MEMORY_RESOURCE, memory_mib
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, resources={MEMORY_RESOURCE: memory_mib(CLUSTER_MEMORY_GIB)})
+             log_to_driver=False, resources={MEMORY_RESOURCE: memory_mib(CLUSTER_MEMORY_GIB)},
+             _metrics_export_port=METRICS_PORT)
     serve.start(http_options={"host": "127.0.0.1", "port": TEST_PORT})
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
@@ -79,10 +82,13 @@ def deploy(ray_serve: str) -> Callable[..., str]:
 
     from serve_app.app import serve_config
 
-    def _deploy(args: dict[str, Any], timeout_s: float = 300) -> str:
+    def _deploy(args: dict[str, Any], timeout_s: float = 300,
+                logging_config: dict[str, Any] | None = None) -> str:
         remove_app()
         client = serve_start()
         document = serve_config(args, TEST_PORT, app_name=APP_NAME)
+        if logging_config is not None:
+            document["applications"][0]["logging_config"] = logging_config
         client.deploy_apps(ServeDeploySchema.model_validate(document))
         wait_until(lambda: app_status() in ("RUNNING", "DEPLOY_FAILED"), timeout_s,
                    "the app to deploy", interval_s=0.2)

@@ -122,6 +122,13 @@ def test_sampling_parameters_reach_the_engine(client: openai.OpenAI) -> None:
                                       temperature=1.0, frequency_penalty=1.5,
                                       presence_penalty=-1, top_p=0.5)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
+    # Penalties reach the sampler: greedy output changes once repeats are penalised.
+    plain = client.completions.create(model="code", prompt="the the the the the the",
+                                      max_tokens=12, temperature=0)
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
+        penalised = client.completions.create(model="code", prompt="the the the the the the",
+                                              max_tokens=12, temperature=0, **penalty)
+        assert penalised.choices[0].text != plain.choices[0].text, penalty
 
 
 def test_engine_parameter_errors_are_400(client: openai.OpenAI) -> None:
@@ -201,7 +208,9 @@ def test_burst_of_long_outputs_does_not_starve_short_requests(base_url: str) -> 
     (or get 429 beyond the queue), and short requests are still served."""
     handle = model_handle("chat")
     budget = handle.stats.remote().result()["kv_budget_tokens"]
-    long_tokens = budget // 3  # three fit at once, the others wait
+    # Each long one is "large" (over 1/16 of the budget) and large ones share half of it: two
+    # run at once, the others wait, while short ones keep the other half.
+    long_tokens = budget // 3
 
     def ask(max_tokens: int, ignore_eos: bool) -> tuple[int, float]:
         started = time.monotonic()
