@@ -31,12 +31,25 @@ class KvAdmission:
         self._limits = limits
         # An engine that cannot say its KV capacity gets no gate (the engine queues on its own).
         self._enabled = capacity_tokens > 0 and limits.admission
-        budget = max(1, int(capacity_tokens * limits.kv_budget_fraction))
-        self._ledger = KvLedger(
-            budget, max_bypass=max_bypass,
-            large_tokens=limits.large_request_tokens or max(1, budget // LARGE_DIVISOR),
-            large_share=limits.large_request_share)
+        self._capacity = capacity_tokens
+        budget, large = self._sizes(limits)
+        self._ledger = KvLedger(budget, max_bypass=max_bypass, large_tokens=large,
+                                large_share=limits.large_request_share)
         self._admitted: dict[str, asyncio.Event] = {}
+
+    def _sizes(self, limits: ModelLimits) -> tuple[int, int]:
+        budget = max(1, int(self._capacity * limits.kv_budget_fraction))
+        return budget, limits.large_request_tokens or max(1, budget // LARGE_DIVISOR)
+
+    def update(self, limits: ModelLimits) -> None:
+        """New limits on a running replica (a live config update). Reservations held stay; a
+        smaller budget admits nothing new until enough of them are released."""
+        self._limits = limits
+        self._enabled = self._capacity > 0 and limits.admission
+        budget, large = self._sizes(limits)
+        self._ledger.resize(budget, large, limits.large_request_share)
+        self._wake(self._ledger.admit_waiting())
+        self._changed()
 
     @property
     def budget_tokens(self) -> int:

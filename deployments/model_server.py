@@ -78,6 +78,11 @@ class ModelServer:
     async def __init__(self, config: dict[str, Any], engine: Engine | None = None) -> None:
         self._config = ModelConfig.model_validate(config)
         self._name = self._config.name
+        self._instance = uuid.uuid4().hex  # new with every replica (and so every engine) start
+        try:  # the `replica` label of this replica's metrics
+            self._replica = serve.get_replica_context().replica_tag
+        except Exception:  # not in a Serve replica (unit tests)
+            self._replica = ""
         self._engine = engine or make_engine(self._config)
         self._in_flight = 0
         self._draining = False
@@ -92,8 +97,9 @@ class ModelServer:
             raise EngineError(f"model {self._name}: {cause}") from exc
         capacity = await self._engine.kv_capacity_tokens()
         recorder = metrics.model()
+        self._limits = self._config.limits
         self._admission = KvAdmission(
-            self._name, capacity, self._config.limits,
+            self._name, capacity, self._limits,
             on_change=lambda stats: recorder.admission(self._name,
                                                        {**stats, "in_flight": self._in_flight}))
         recorder.admission(self._name, self._admission.stats())
@@ -120,7 +126,7 @@ class ModelServer:
         finished: set[str] = set()
         expired: list[bool] = []
         timer = None
-        timeout_s = self._config.limits.request_timeout_s
+        timeout_s = self._limits.request_timeout_s
         if timeout_s is not None:
             def expire() -> None:
                 expired.append(True)
@@ -184,9 +190,15 @@ class ModelServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _admit(self) -> None:
+    def _admit(self, call: GenerateCall) -> None:
         if self._draining:
             raise ModelDraining(f"model {self._name} is being stopped", retry_after_s=1)
+        if call.limits is not None and call.limits != self._limits:
+            # The ingress was reconfigured (a live config update): take its limits.
+            self._limits = call.limits
+            self._admission.update(call.limits)
+            logger.info("model %s: limits updated, KV budget %d tokens", self._name,
+                        self._admission.budget_tokens)
 
     def _kv_tokens(self, call: GenerateCall) -> int:
         """The request's worst case in the KV cache: each prompt plus n x its output limit
@@ -201,7 +213,7 @@ class ModelServer:
         return total
 
     async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
-        self._admit()
+        self._admit(call)
         self._in_flight += 1
         try:
             async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
@@ -239,7 +251,7 @@ class ModelServer:
         yield StreamEnd(usage)
 
     async def complete(self, call: GenerateCall) -> dict[str, Any]:
-        self._admit()
+        self._admit(call)
         self._in_flight += 1
         try:
             async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
@@ -280,8 +292,9 @@ class ModelServer:
         self._draining = True
         return self._in_flight
 
-    async def stats(self) -> dict[str, int]:
-        return {"in_flight": self._in_flight,
+    async def stats(self) -> dict[str, Any]:
+        return {"instance": self._instance, "replica": self._replica,
+                "in_flight": self._in_flight,
                 "draining": int(self._draining),
                 "unfinished_requests": self._engine.num_unfinished(),
                 "max_model_len": self._engine.max_model_len,

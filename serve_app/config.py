@@ -285,6 +285,40 @@ class AppConfig(_Strict):
         return table
 
 
+class LiveConfig(_Strict):
+    """What the ingress deployment's `user_config` (in the Serve config's `deployments:` list)
+    may change on a running app: `serve deploy` applies it through Serve's reconfigure, with no
+    replica or engine restarted. Each part replaces the one in `args`; `limits` entries override
+    only the fields they name."""
+
+    default_model: str | None = None
+    routing: RoutingConfig | None = None
+    auth: AuthConfig | None = None
+    limits: dict[str, ModelLimits] = Field(default_factory=dict)
+
+
+INGRESS_DEPLOYMENT = "ingress"
+
+
+def apply_live(config: AppConfig, live: LiveConfig) -> AppConfig:
+    """`config` with the live overrides; raises ValueError (naming the setting) if invalid."""
+    data = config.model_dump()
+    if live.default_model is not None:
+        data["default_model"] = live.default_model
+    if live.routing is not None:
+        data["routing"] = live.routing.model_dump()
+    if live.auth is not None:
+        data["auth"] = live.auth.model_dump()
+    models = {m["name"]: m for m in data["models"]}
+    for name, limits in live.limits.items():
+        if name not in models:
+            raise ValueError(f"user_config.limits: {name!r} is not one of the models: "
+                             f"{', '.join(models)}")
+        models[name]["limits"] = {**models[name]["limits"],
+                                  **limits.model_dump(exclude_unset=True)}
+    return AppConfig.model_validate(data)
+
+
 def deployment_name(model: str) -> str:
     return f"model-{model}"
 
@@ -309,18 +343,19 @@ class ConfigError(ValueError):
     """The app args are invalid; the message says which setting and why."""
 
 
+def _details(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'args'}: "
+                     f"{str(err['msg']).removeprefix('Value error, ')}"
+                     for err in exc.errors(include_url=False, include_input=False))
+
+
 def parse_app_config(args: dict[str, Any], check_engine: bool = True) -> AppConfig:
     """Validated app args; `check_engine` also checks engine_kwargs against the installed
     vLLM (slow to import; tools that only read the config skip it)."""
     try:
         config = AppConfig.model_validate(args)
     except ValidationError as exc:
-        details = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'args'}: "
-            f"{str(err['msg']).removeprefix('Value error, ')}"
-            for err in exc.errors(include_url=False)
-        )
-        raise ConfigError(f"invalid Roundhouse config: {details}") from None
+        raise ConfigError(f"invalid Roundhouse config: {_details(exc)}") from None
     from deployments.vllm_engine import check_engine_kwargs
 
     for model in config.models if check_engine else ():
@@ -378,4 +413,23 @@ def load_app_config(path: str | Path, app: str | None = None,
     chosen = next((a for a in apps if app is None or a.get("name") == app), None)
     if chosen is None:
         raise ConfigError(f"{path}: no application named {app!r}")
-    return parse_app_config(chosen.get("args") or {}, check_engine)
+    config = parse_app_config(chosen.get("args") or {}, check_engine)
+    live = live_config(chosen)
+    if live is None:
+        return config
+    try:
+        return apply_live(config, live)
+    except ValueError as exc:
+        raise ConfigError(f"invalid Roundhouse config: the ingress user_config: {exc}") from None
+
+
+def live_config(application: dict[str, Any]) -> LiveConfig | None:
+    """The ingress deployment's `user_config` in one application of a Serve config."""
+    for deployment in application.get("deployments") or []:
+        if deployment.get("name") == INGRESS_DEPLOYMENT and deployment.get("user_config"):
+            try:
+                return LiveConfig.model_validate(deployment["user_config"])
+            except ValidationError as exc:
+                raise ConfigError(f"invalid Roundhouse config: the ingress user_config: "
+                                  f"{_details(exc)}") from None
+    return None

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.config import ModelLimits
+
 MAX_STOP_SEQUENCES = 16
 MAX_N = 16
 
@@ -194,6 +196,8 @@ class GenerateCall:
     # Prompt tokens per prompt (chat: one), counted by the ingress with the model's tokenizer;
     # empty when not counted. The replica reserves KV cache from them.
     prompt_tokens: tuple[int, ...] = ()
+    # The model's current limits (live config updates reach the replica with its requests).
+    limits: ModelLimits | None = None
 
 
 def sampling_from(req: ChatCompletionRequest | CompletionRequest) -> Sampling:

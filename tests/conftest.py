@@ -5,6 +5,7 @@ The port is not 8000 so the suite runs beside a `make serve` server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -54,8 +55,15 @@ def ray_serve() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
     finally:
-        serve.shutdown()
+        # tests/e2e/test_shutdown.py may have stopped all of it already.
+        with contextlib.suppress(Exception):
+            serve.shutdown()
         ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `last` (they stop the session's Ray cluster) run after all the others."""
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 def remove_app() -> None:
@@ -83,12 +91,17 @@ def deploy(ray_serve: str) -> Callable[..., str]:
     from serve_app.app import serve_config
 
     def _deploy(args: dict[str, Any], timeout_s: float = 300,
-                logging_config: dict[str, Any] | None = None) -> str:
-        remove_app()
+                logging_config: dict[str, Any] | None = None,
+                deployments: list[dict[str, Any]] | None = None, fresh: bool = True) -> str:
+        """`fresh=False` deploys over the running app, as a second `serve deploy` does."""
+        if fresh:
+            remove_app()
         client = serve_start()
         document = serve_config(args, TEST_PORT, app_name=APP_NAME)
         if logging_config is not None:
             document["applications"][0]["logging_config"] = logging_config
+        if deployments is not None:
+            document["applications"][0]["deployments"] = deployments
         client.deploy_apps(ServeDeploySchema.model_validate(document))
         wait_until(lambda: app_status() in ("RUNNING", "DEPLOY_FAILED"), timeout_s,
                    "the app to deploy", interval_s=0.2)

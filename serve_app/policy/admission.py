@@ -35,20 +35,26 @@ class _Waiter:
 class KvLedger:
     def __init__(self, capacity_tokens: int, max_bypass: int = 16,
                  large_tokens: int | None = None, large_share: float = 1.0) -> None:
-        if capacity_tokens <= 0:
-            raise ValueError("capacity_tokens must be positive")
-        if not 0 < large_share <= 1:
-            raise ValueError("large_share must be in (0, 1]")
-        self.capacity_tokens = capacity_tokens
         self.max_bypass = max_bypass
-        # None: one lane, every request is small.
-        self.large_tokens = large_tokens
-        self.large_cap_tokens = int(capacity_tokens * large_share)
+        self.resize(capacity_tokens, large_tokens, large_share)
         self._held: dict[str, tuple[int, bool]] = {}
         self._reserved = 0
         self._large_reserved = 0
         self._small: OrderedDict[str, _Waiter] = OrderedDict()
         self._large: OrderedDict[str, _Waiter] = OrderedDict()
+
+    def resize(self, capacity_tokens: int, large_tokens: int | None = None,
+               large_share: float = 1.0) -> None:
+        """New sizes; what is held stays held (over a smaller budget, nothing new is admitted
+        until enough is released). Call admit_waiting() after a resize."""
+        if capacity_tokens <= 0:
+            raise ValueError("capacity_tokens must be positive")
+        if not 0 < large_share <= 1:
+            raise ValueError("large_share must be in (0, 1]")
+        self.capacity_tokens = capacity_tokens
+        # None: one lane, every request is small.
+        self.large_tokens = large_tokens
+        self.large_cap_tokens = int(capacity_tokens * large_share)
 
     @property
     def reserved_tokens(self) -> int:

@@ -53,40 +53,49 @@ def scrape() -> str:
         return ""
 
 
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """The value of the first sample of `name` whose labels include `labels`."""
+def values(text: str, name: str, **labels: str) -> list[float]:
+    """Every sample of `name` whose labels include `labels` (one per replica or process)."""
+    found = []
     for line in text.splitlines():
         match = re.match(rf"^{name}\{{(.*)\}} (\S+)$", line)
         if match and all(f'{k}="{v}"' in match.group(1) for k, v in labels.items()):
-            return float(match.group(2))
-    return None
+            found.append(float(match.group(2)))
+    return found
 
 
 def test_metrics_reach_rays_prometheus_endpoint(base_url: str) -> None:
-    def ready() -> str | None:
+    # Earlier apps of this session left series of their own: look at this app's replicas.
+    status = httpx.get(f"{base_url}/v1/status", headers=AUTH, timeout=10).json()
+    ingress, chat = status["ingress_replica"], status["models"]["chat"]["replica"]
+    expected = {  # (metric, labels): value
+        ("ray_roundhouse_requests_total", (("model", "chat"), ("rule", "explicit"),
+                                           ("status", "200"), ("replica", ingress))): 2,
+        ("ray_roundhouse_output_tokens_total", (("model", "chat"), ("replica", ingress))): 8,
+        ("ray_roundhouse_refusals_total", (("reason", "missing_api_key"),
+                                           ("replica", ingress))): 1,
+        ("ray_roundhouse_ttft_seconds_count", (("model", "chat"), ("replica", ingress))): 1,
+        ("ray_roundhouse_request_latency_seconds_count", (("model", "chat"), ("stream", "true"),
+                                                          ("replica", ingress))): 1,
+        ("ray_roundhouse_kv_budget_tokens", (("model", "chat"), ("replica", chat))): 1000,
+    }
+
+    def arrived() -> str | None:
         # Each process (ingress, model replica, controller) reports on its own schedule.
         text = scrape()
-        wanted = (("ray_roundhouse_output_tokens_total", "chat"),
-                  ("ray_roundhouse_kv_budget_tokens", "chat"),
-                  ("ray_roundhouse_model_load_seconds_count", "chat"),
-                  ("ray_roundhouse_model_state", "code"))
-        return text if all(sample(text, name, model=model) is not None
-                           for name, model in wanted) else None
+        done = (all(values(text, name, **dict(labels)) for (name, labels) in expected)
+                # Controllers of earlier apps wrote the same series: wait for this one's.
+                and 1 in values(text, "ray_roundhouse_model_state", model="code", state="cold")
+                and 1 in values(text, "ray_roundhouse_model_state", model="chat",
+                                state="active"))
+        return text if done else None
 
-    text = wait_until(ready, 60, "Roundhouse's metrics on Ray's metrics endpoint",
+    text = wait_until(arrived, 60, "Roundhouse's metrics on Ray's metrics endpoint",
                       interval_s=1)
-    assert sample(text, "ray_roundhouse_requests_total", model="chat", rule="explicit",
-                  status="200") == 2
-    assert sample(text, "ray_roundhouse_output_tokens_total", model="chat") == 8
-    assert sample(text, "ray_roundhouse_refusals_total", reason="missing_api_key") == 1
-    assert sample(text, "ray_roundhouse_ttft_seconds_count", model="chat") == 1
-    assert sample(text, "ray_roundhouse_request_latency_seconds_count", model="chat",
-                  stream="true") == 1
-    assert sample(text, "ray_roundhouse_kv_budget_tokens", model="chat") == 1000
-    assert sample(text, "ray_roundhouse_model_state", model="chat", state="active") == 1
-    assert sample(text, "ray_roundhouse_model_state", model="code", state="cold") == 1
-    assert sample(text, "ray_roundhouse_model_loads_total", model="chat") == 1
-    assert sample(text, "ray_roundhouse_model_load_seconds_count", model="chat") == 1
+    for (name, labels), want in expected.items():
+        assert values(text, name, **dict(labels)) == [want], name
+    # The controller is a plain actor (no replica label); its series are per model.
+    assert sum(values(text, "ray_roundhouse_model_loads_total", model="chat")) >= 1
+    assert sum(values(text, "ray_roundhouse_model_load_seconds_count", model="chat")) >= 1
 
 
 def test_status_endpoint_and_cli(base_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -119,3 +119,15 @@ def test_ledger_never_overcommits_and_never_leaks(
     for rid in list(known):  # every completion, abort or disconnect releases
         ledger.release(rid)
     assert ledger.reserved_tokens == 0 and ledger.waiting == ()
+
+
+def test_resize_keeps_what_is_held_and_admits_by_the_new_budget() -> None:
+    ledger = KvLedger(100)
+    assert ledger.request("a", 80) and not ledger.request("b", 50)
+    ledger.resize(200)
+    assert ledger.admit_waiting() == ["b"]
+    ledger.resize(60)  # smaller than what is held: nothing new until enough is released
+    assert not ledger.request("c", 11)
+    assert ledger.release("a") == []  # 50 held of 60: c (11) fits only once b is gone too
+    assert ledger.reserved_tokens == 50 and ledger.waiting == ("c",)
+    assert ledger.release("b") == ["c"]

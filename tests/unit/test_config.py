@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from serve_app.app import ConfigError, load_app_config, model_deployment_options, parse_app_config
 from serve_app.config import AppConfig, deployment_name
@@ -76,3 +78,37 @@ def test_deployment_options_carry_env_and_fractional_gpu() -> None:
     assert opts["ray_actor_options"]["num_gpus"] == 0.4
     assert opts["ray_actor_options"]["num_cpus"] == 0
     assert opts["ray_actor_options"]["runtime_env"] == {"env_vars": {"X": "1"}}
+
+
+def test_live_overrides_replace_routing_and_keys_and_merge_limits(tmp_path: Path) -> None:
+    from serve_app.config import LiveConfig, apply_live
+
+    base = AppConfig.model_validate({
+        "models": [{"name": "chat", "engine": "fake",
+                    "limits": {"max_output_tokens": 100, "queue_timeout_s": 5}},
+                   {"name": "code", "engine": "fake"}],
+        "routing": {"rules": [{"name": "code", "when": {"code": True}, "model": "code"}]}})
+    live = LiveConfig.model_validate({"routing": {"rules": []}, "default_model": "code",
+                                      "limits": {"chat": {"max_output_tokens": 50}}})
+    config = apply_live(base, live)
+    assert config.routing.rules == [] and config.default == "code"
+    assert config.model("chat").limits.max_output_tokens == 50
+    assert config.model("chat").limits.queue_timeout_s == 5  # kept: not named in the override
+    with pytest.raises(ValueError, match="'nope' is not one of the models"):
+        apply_live(base, LiveConfig.model_validate({"limits": {"nope": {}}}))
+    with pytest.raises(ValueError, match="default_model"):
+        apply_live(base, LiveConfig.model_validate({"default_model": "missing"}))
+
+
+def test_a_serve_config_file_with_live_overrides(tmp_path: Path) -> None:
+    document = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    app = document["applications"][0]
+    app["deployments"] = [{"name": "ingress", "user_config": {
+        "limits": {"chat": {"max_output_tokens": 77}}}}]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(document))
+    assert load_app_config(path, check_engine=False).model("chat").limits.max_output_tokens == 77
+    app["deployments"][0]["user_config"] = {"limits": {"chat": {"max_output_tokens": 0}}}
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match="ingress user_config"):
+        load_app_config(path, check_engine=False)
