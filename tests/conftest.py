@@ -55,10 +55,11 @@ def ray_serve() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
     finally:
-        # tests/e2e/test_shutdown.py may have stopped all of it already.
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
+        # tests/e2e/test_shutdown.py may have shut it down already.
+        if ray.is_initialized():
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

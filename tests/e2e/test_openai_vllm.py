@@ -122,13 +122,13 @@ def test_sampling_parameters_reach_the_engine(client: openai.OpenAI) -> None:
                                       temperature=1.0, frequency_penalty=1.5,
                                       presence_penalty=-1, top_p=0.5)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
-    # Penalties reach the sampler: greedy output changes once repeats are penalised.
-    plain = client.completions.create(model="code", prompt="the the the the the the",
-                                      max_tokens=12, temperature=0)
-    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}):
-        penalised = client.completions.create(model="code", prompt="the the the the the the",
-                                              max_tokens=12, temperature=0, **penalty)
-        assert penalised.choices[0].text != plain.choices[0].text, penalty
+    # Penalties reach the sampler: greedy output differs between rewarding and penalising
+    # repeats (vLLM counts them over the generated tokens).
+    for name in ("frequency_penalty", "presence_penalty"):
+        texts = [client.completions.create(
+            model="code", prompt="yes yes yes yes yes yes", max_tokens=16, temperature=0,
+            **{name: value}).choices[0].text for value in (-2.0, 2.0)]
+        assert texts[0] != texts[1], (name, texts)
 
 
 def test_engine_parameter_errors_are_400(client: openai.OpenAI) -> None:
@@ -146,10 +146,14 @@ def test_errors_are_openai_errors(client: openai.OpenAI, base_url: str) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}],
                                        top_p=3)
-    with pytest.raises(openai.BadRequestError) as too_long:
+    with pytest.raises(openai.BadRequestError) as too_long:  # prompt + max_tokens > 2048
+        client.chat.completions.create(model="chat", max_tokens=1000,
+                                       messages=[{"role": "user", "content": "hi " * 1500}])
+    assert "2048" in str(too_long.value) and too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as capped:  # over the config's output cap
         client.chat.completions.create(model="chat", max_tokens=4000,
                                        messages=[{"role": "user", "content": "hi"}])
-    assert "2048" in str(too_long.value)
+    assert capped.value.code == "max_tokens_exceeded" and "1024" in str(capped.value)
     resp = httpx.post(f"{base_url}/v1/chat/completions", content=b'{"model": "chat",')
     assert resp.status_code == 400 and resp.json()["error"]["type"] == "invalid_request_error"
     huge = b'{"model":"chat","messages":[{"role":"user","content":"' + b"a" * (9 << 20) + b'"}]}'
@@ -189,7 +193,7 @@ def test_asking_reasoning_evicts_code_while_chat_keeps_serving(client: openai.Op
 
 def test_disconnect_aborts_the_vllm_request(base_url: str) -> None:
     handle = model_handle("reasoning")
-    body = {"model": "reasoning", "max_tokens": 1900, "stream": True, "ignore_eos": True,
+    body = {"model": "reasoning", "max_tokens": 1500, "stream": True, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Write a very long story."}]}
     with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200

@@ -117,7 +117,8 @@ def test_models_list_and_get(client: openai.OpenAI, base_url: str) -> None:
 def _error(resp: httpx.Response, status: int) -> dict[str, Any]:
     assert resp.status_code == status, resp.text
     body = resp.json()["error"]
-    assert set(body) == {"message", "type", "param", "code"}
+    assert set(body) == {"message", "type", "param", "code", "request_id"}
+    assert body["request_id"] == resp.headers["x-request-id"]
     assert "Traceback" not in body["message"]
     return body
 
