@@ -200,24 +200,12 @@ class ModelServer:
             logger.info("model %s: limits updated, KV budget %d tokens", self._name,
                         self._admission.budget_tokens)
 
-    def _kv_tokens(self, call: GenerateCall) -> int:
-        """The request's worst case in the KV cache: each prompt plus n x its output limit
-        (the rest of the context when max_tokens is not set)."""
-        context = self._engine.max_model_len
-        total = 0
-        for i in range(max(1, len(call.prompts))):
-            prompt = call.prompt_tokens[i] if i < len(call.prompt_tokens) else context
-            prompt = min(prompt, context)
-            output = call.sampling.max_tokens or max(0, context - prompt)
-            total += prompt + call.sampling.n * output
-        return total
-
     async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
         self._admit(call)
         self._in_flight += 1
         try:
             async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
-                                               self._kv_tokens(call)):
+                                               call.worst_case_tokens(self._engine.max_model_len)):
                 async for item in self._stream(call):
                     yield item
         finally:
@@ -255,7 +243,7 @@ class ModelServer:
         self._in_flight += 1
         try:
             async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
-                                               self._kv_tokens(call)):
+                                               call.worst_case_tokens(self._engine.max_model_len)):
                 return await self._complete(call)
         finally:
             self._in_flight -= 1

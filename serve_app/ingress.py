@@ -382,18 +382,16 @@ class Ingress:
                                    limits=limits)
 
     def _charge_tokens(self, request: Request, call: GenerateCall) -> None:
-        """Tokens per minute, charged up front as OpenAI counts them: prompt + max_tokens for
-        every output (the rest of the context when max_tokens is unset)."""
+        """Tokens per minute, charged up front as OpenAI counts them: each prompt + max_tokens
+        for every output (the rest of the context when max_tokens is unset), the same worst
+        case the model replica reserves in its KV cache."""
         if getattr(request.state, "tokens_charged", False):
             return  # a fallback's second count is not charged again
         request.state.tokens_charged = True
         principal: Principal = request.state.principal
         if principal.limits.tokens_per_minute is None:
             return
-        context = max_model_len(self._config.model(call.model))
-        asked = call.sampling.max_tokens
-        total = sum(p + (asked if asked is not None else max(0, (context or p) - p))
-                    for p in call.prompt_tokens) * call.sampling.n
+        total = call.worst_case_tokens(max_model_len(self._config.model(call.model)))
         self._charge(request, self._limiter.tokens(principal.name, principal.limits, total,
                                                    time.monotonic()))
 

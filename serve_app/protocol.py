@@ -199,6 +199,19 @@ class GenerateCall:
     # The model's current limits (live config updates reach the replica with its requests).
     limits: ModelLimits | None = None
 
+    def worst_case_tokens(self, context: int | None) -> int:
+        """Each prompt plus n x its output limit (the rest of the context when max_tokens is
+        not set): what the request may hold in the KV cache, and what a tokens-per-minute limit
+        charges up front. A prompt not counted is taken as the whole context."""
+        total = 0
+        for i in range(max(1, len(self.prompts))):
+            prompt = self.prompt_tokens[i] if i < len(self.prompt_tokens) else (context or 0)
+            if context is not None:
+                prompt = min(prompt, context)
+            output = self.sampling.max_tokens or max(0, (context or prompt) - prompt)
+            total += prompt + self.sampling.n * output
+        return total
+
 
 def sampling_from(req: ChatCompletionRequest | CompletionRequest) -> Sampling:
     return Sampling(
