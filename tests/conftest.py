@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 
+# A Ray call after the session's cluster is gone (a Serve handle's background metrics push, at
+# exit) must not start a new local cluster behind the test run's back.
+os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
+
 REPO = Path(__file__).resolve().parent.parent
 TEST_PORT = int(os.environ.get("ROUNDHOUSE_TEST_PORT", "18000"))
 APP_NAME = "roundhouse"
@@ -55,16 +59,9 @@ def ray_serve() -> Iterator[str]:
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
     finally:
-        # tests/e2e/test_shutdown.py may have shut it down already.
-        if ray.is_initialized():
-            with contextlib.suppress(Exception):
-                serve.shutdown()
-            ray.shutdown()
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked `last` (they stop the session's Ray cluster) run after all the others."""
-    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
+        with contextlib.suppress(Exception):
+            serve.shutdown()
+        ray.shutdown()
 
 
 def remove_app() -> None:
