@@ -41,9 +41,12 @@ class KvAdmission:
         budget = max(1, int(self._capacity * limits.kv_budget_fraction))
         return budget, limits.large_request_tokens or max(1, budget // LARGE_DIVISOR)
 
-    def update(self, limits: ModelLimits) -> None:
-        """New limits on a running replica (a live config update). Reservations held stay; a
-        smaller budget admits nothing new until enough of them are released."""
+    def update(self, limits: ModelLimits, capacity_tokens: int | None = None) -> None:
+        """New limits (a live config update) or a new KV capacity (the engine was restarted
+        with other settings) on a running replica. Reservations held stay; a smaller budget
+        admits nothing new until enough of them are released."""
+        if capacity_tokens is not None:
+            self._capacity = capacity_tokens
         self._limits = limits
         self._enabled = self._capacity > 0 and limits.admission
         budget, large = self._sizes(limits)

@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from ray import serve
@@ -27,7 +27,7 @@ from deployments.engine import (
 )
 from deployments.kv_admission import KvAdmission
 from serve_app import metrics
-from serve_app.config import ModelConfig
+from serve_app.config import ConfigError, ModelConfig, apply_engine_settings, deployment_name
 from serve_app.errors import BadRequest, GenerationTimeout, ModelDraining, ModelUnavailable
 from serve_app.protocol import (
     GenerateCall,
@@ -73,39 +73,141 @@ class _Tally:
         return Usage(prompt_tokens=sum(self._prompt), completion_tokens=self.completion)
 
 
+# How long an engine restart (new engine settings) lets the requests in flight finish before it
+# stops the engine under them.
+RESTART_DRAIN_S = 30.0
+# Beyond the drain and the engine's start timeout, before the controller stops waiting for it.
+RESTART_GRACE_S = 30.0
+
+
+def _replica_user_config() -> dict[str, Any] | None:
+    """This deployment's `user_config` as Serve holds it (None outside a Serve replica): read in
+    __init__ so the first engine start already uses a model deployment's engine settings."""
+    try:
+        user_config = serve.get_replica_context()._deployment_config.user_config
+    except Exception:
+        return None
+    return dict(user_config) if user_config else None
+
+
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
 class ModelServer:
     async def __init__(self, config: dict[str, Any], engine: Engine | None = None) -> None:
-        self._config = ModelConfig.model_validate(config)
-        self._name = self._config.name
-        self._instance = uuid.uuid4().hex  # new with every replica (and so every engine) start
+        # `config` is the model's entry in the app's args; the deployment's `user_config`
+        # (engine settings, see EngineSettings) goes on top of it.
+        self._base_config = ModelConfig.model_validate(config)
+        self._name = self._base_config.name
+        self._config = self._configured(_replica_user_config())
         try:  # the `replica` label of this replica's metrics
             self._replica = serve.get_replica_context().replica_tag
         except Exception:  # not in a Serve replica (unit tests)
             self._replica = ""
-        self._engine = engine or make_engine(self._config)
         self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self._draining = False
+        # Cleared while the engine restarts with new settings: new requests wait for it.
+        self._engine_ready = asyncio.Event()
+        self._engine_restarts = 0
+        self._limits = self._config.limits
+        self._admission: KvAdmission | None = None
+        self._env_saved: dict[str, str | None] = {}
+        self._failed: str | None = None  # why the engine is down after a failed restart
+        self._engine = engine or self._new_engine(self._config)
+        await self._start_engine()
+
+    def _configured(self, user_config: dict[str, Any] | None) -> ModelConfig:
         try:
-            await asyncio.wait_for(self._engine.start(), timeout=self._config.start_timeout_s)
+            return apply_engine_settings(self._base_config, user_config)
+        except ValueError as exc:
+            raise ConfigError(f"model {self._name}: the user_config of "
+                              f"{deployment_name(self._name)}: {exc}") from None
+
+    def _new_engine(self, config: ModelConfig) -> Engine:
+        """An engine for `config`. The user_config's env differs from the args' env (which Ray
+        set for this process) in this process's environment while it applies; the engine's
+        processes inherit it."""
+        import os
+
+        for key, value in self._env_saved.items():  # undo the previous settings' env
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        base = self._base_config.env
+        changes: dict[str, str | None] = {k: v for k, v in config.env.items() if base.get(k) != v}
+        changes.update({k: None for k in base.keys() - config.env.keys()})
+        self._env_saved = {k: os.environ.get(k) for k in changes}
+        for key, value in changes.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        return make_engine(config)
+
+    async def _start_engine(self) -> None:
+        """Starts self._engine; sizes the KV admission gate to it; tells the controller."""
+        self._instance = uuid.uuid4().hex  # new with every engine start
+        timeout_s = self._config.start_timeout_s
+        try:
+            await asyncio.wait_for(self._engine.start(), timeout=timeout_s)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await self._engine.shutdown()
-            cause = (f"engine did not start within {self._config.start_timeout_s:.0f} s"
+            cause = (f"engine did not start within {timeout_s:.0f} s"
                      if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}")
             await _report("model_failed", self._name, cause)
             raise EngineError(f"model {self._name}: {cause}") from exc
         capacity = await self._engine.kv_capacity_tokens()
-        recorder = metrics.model()
-        self._limits = self._config.limits
-        self._admission = KvAdmission(
-            self._name, capacity, self._limits,
-            on_change=lambda stats: recorder.admission(self._name,
-                                                       {**stats, "in_flight": self._in_flight}))
-        recorder.admission(self._name, self._admission.stats())
+        if self._admission is None:
+            recorder = metrics.model()
+            self._admission = KvAdmission(
+                self._name, capacity, self._limits,
+                on_change=lambda stats: recorder.admission(
+                    self._name, {**stats, "in_flight": self._in_flight}))
+            recorder.admission(self._name, self._admission.stats())
+        else:
+            self._admission.update(self._limits, capacity_tokens=capacity)
         logger.info("model %s: engine ready, KV budget %d of %d tokens", self._name,
                     self._admission.budget_tokens, capacity)
+        self._engine_ready.set()
         await _report("model_ready", self._name, _engine_processes(), _node_id())
+
+    async def reconfigure(self, user_config: dict[str, Any] | None) -> None:
+        """Serve's lightweight update of this model's deployment (its `user_config` changed in
+        a `serve deploy`): new engine settings restart this model's engine in place, inside
+        the same replica; no other model is touched. Serve routes nothing new to the replica
+        while this runs; requests that reach it anyway wait for the new engine. The requests
+        in flight may finish first (up to RESTART_DRAIN_S)."""
+        config = self._configured(dict(user_config) if user_config else None)
+        if config == self._config:
+            return
+        changed = [k for k in ("engine_kwargs", "env", "fake", "start_timeout_s")
+                   if getattr(config, k) != getattr(self._config, k)]
+        logger.info("model %s: engine settings changed (%s); restarting its engine, %d "
+                    "requests in flight", self._name, ", ".join(changed), self._in_flight)
+        self._engine_ready.clear()
+        await _report("model_restarting", self._name,
+                      RESTART_DRAIN_S + config.start_timeout_s + RESTART_GRACE_S)
+        try:
+            try:
+                await asyncio.wait_for(self._idle.wait(), RESTART_DRAIN_S)
+            except TimeoutError:
+                logger.warning("model %s: %d requests still in flight after %.0f s; stopping "
+                               "the engine under them", self._name, self._in_flight,
+                               RESTART_DRAIN_S)
+            await self._engine.shutdown()
+            self._config = config
+            self._engine = self._new_engine(config)
+            self._engine_restarts += 1
+            await self._start_engine()
+        except BaseException as exc:
+            # Waiting requests get 503 and the health check fails, so Serve replaces the
+            # replica (which starts with these settings and reports why it cannot).
+            self._failed = f"the engine restart with new settings failed: {exc}"
+            self._engine_ready.set()
+            await _report("model_failed", self._name, self._failed)
+            raise
 
     # --- generation -----------------------------------------------------------------------
 
@@ -190,26 +292,41 @@ class ModelServer:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _admit(self, call: GenerateCall) -> None:
+    async def _admit(self, call: GenerateCall) -> KvAdmission:
         if self._draining:
             raise ModelDraining(f"model {self._name} is being stopped", retry_after_s=1)
+        if not self._engine_ready.is_set():  # restarting with new settings
+            await self._engine_ready.wait()
+        if self._failed is not None:
+            raise ModelUnavailable(f"model {self._name}: {self._failed}", retry_after_s=5)
+        assert self._admission is not None
         if call.limits is not None and call.limits != self._limits:
             # The ingress was reconfigured (a live config update): take its limits.
             self._limits = call.limits
             self._admission.update(call.limits)
             logger.info("model %s: limits updated, KV budget %d tokens", self._name,
                         self._admission.budget_tokens)
+        return self._admission
 
-    async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
-        self._admit(call)
+    @contextlib.contextmanager
+    def _tracked(self) -> Iterator[None]:
+        """Counts the request in flight (an engine restart waits for none to be left)."""
         self._in_flight += 1
+        self._idle.clear()
         try:
-            async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
-                                               call.worst_case_tokens(self._engine.max_model_len)):
-                async for item in self._stream(call):
-                    yield item
+            yield
         finally:
             self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
+        admission = await self._admit(call)
+        with self._tracked():
+            async with admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
+                                         call.worst_case_tokens(self._engine.max_model_len)):
+                async for item in self._stream(call):
+                    yield item
 
     async def _stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
         rid, created, model = response_id(call.endpoint), call.created, call.model
@@ -239,14 +356,11 @@ class ModelServer:
         yield StreamEnd(usage)
 
     async def complete(self, call: GenerateCall) -> dict[str, Any]:
-        self._admit(call)
-        self._in_flight += 1
-        try:
-            async with self._admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
-                                               call.worst_case_tokens(self._engine.max_model_len)):
+        admission = await self._admit(call)
+        with self._tracked():
+            async with admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
+                                         call.worst_case_tokens(self._engine.max_model_len)):
                 return await self._complete(call)
-        finally:
-            self._in_flight -= 1
 
     async def _complete(self, call: GenerateCall) -> dict[str, Any]:
         n = call.sampling.n
@@ -267,7 +381,10 @@ class ModelServer:
     # --- lifecycle ------------------------------------------------------------------------
 
     async def check_health(self) -> None:
-        await self._engine.check_health()
+        if self._failed is not None:
+            raise EngineError(f"model {self._name}: {self._failed}")
+        if self._engine_ready.is_set():  # not while the engine restarts with new settings
+            await self._engine.check_health()
 
     async def kv_capacity_tokens(self) -> int:
         return await self._engine.kv_capacity_tokens()
@@ -281,7 +398,10 @@ class ModelServer:
         return self._in_flight
 
     async def stats(self) -> dict[str, Any]:
+        assert self._admission is not None
         return {"instance": self._instance, "replica": self._replica,
+                "engine_restarts": self._engine_restarts,
+                "restarting": int(not self._engine_ready.is_set()),
                 "in_flight": self._in_flight,
                 "draining": int(self._draining),
                 "unfinished_requests": self._engine.num_unfinished(),

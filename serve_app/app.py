@@ -55,6 +55,11 @@ def model_deployment_options(model: ModelConfig, memory_resource: bool = False) 
         },
         # The controller drains a model before it stops it; this bounds the stop itself.
         "graceful_shutdown_timeout_s": 5,
+        # Engine settings a `serve deploy` may change without touching the app's args (and so
+        # without restarting the other models): the Serve config's `deployments:` entry for
+        # this deployment sets it (see EngineSettings). Empty, not None, so that removing that
+        # entry again brings the args' settings back through `reconfigure`.
+        "user_config": {},
     }
 
 

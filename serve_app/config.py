@@ -323,6 +323,56 @@ def deployment_name(model: str) -> str:
     return f"model-{model}"
 
 
+class EngineSettings(_Strict):
+    """What a model deployment's `user_config` (in the Serve config's `deployments:` list, under
+    the model's deployment name, `model-<name>`) may change on a running app: `serve deploy`
+    then restarts that model's engine in place, and no other model's. Each entry overrides the
+    one in `args`, key by key; a null value removes the key (back to the engine's default)."""
+
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    env: dict[str, str | None] = Field(default_factory=dict)
+    fake: dict[str, Any] = Field(default_factory=dict)
+    start_timeout_s: Annotated[float, Field(gt=0)] | None = None
+
+
+# Read by the ingress as well (its context-length check): changing them takes a change of args.
+_ARGS_ONLY_ENGINE_KEYS = ("max_model_len",)
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = {**base, **override}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def apply_engine_settings(model: ModelConfig, user_config: dict[str, Any] | None) -> ModelConfig:
+    """`model` with a model deployment's `user_config` applied; raises ValueError naming the
+    setting when it is invalid."""
+    if not user_config:
+        return model
+    try:
+        settings = EngineSettings.model_validate(user_config)
+    except ValidationError as exc:
+        raise ValueError(_details(exc)) from None
+    for part in ("engine_kwargs", "fake"):
+        for key in _ARGS_ONLY_ENGINE_KEYS:
+            if key in getattr(settings, part):
+                raise ValueError(f"{part}.{key}: the ingress reads it too, so it is changed "
+                                 "under the application's args (which restarts the app)")
+    if settings.fake and model.engine != "fake":
+        raise ValueError("fake: settings of the fake engine, but this model runs vllm")
+    data = model.model_dump()
+    data["engine_kwargs"] = _merge(data["engine_kwargs"], settings.engine_kwargs)
+    data["env"] = _merge(data["env"], settings.env)
+    if settings.fake:
+        data["fake"] = _merge(data["fake"] or {}, settings.fake)
+    if settings.start_timeout_s is not None:
+        data["start_timeout_s"] = settings.start_timeout_s
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(_details(exc)) from None
+
+
 # --- loading and checking a config ----------------------------------------------------------
 
 # A Ray custom resource standing for accelerator memory on CPU hosts: when the cluster offers it
@@ -415,12 +465,40 @@ def load_app_config(path: str | Path, app: str | None = None,
         raise ConfigError(f"{path}: no application named {app!r}")
     config = parse_app_config(chosen.get("args") or {}, check_engine)
     live = live_config(chosen)
-    if live is None:
+    if live is not None:
+        try:
+            config = apply_live(config, live)
+        except ValueError as exc:
+            raise ConfigError(f"invalid Roundhouse config: the ingress user_config: "
+                              f"{exc}") from None
+    return _with_engine_settings(config, chosen, check_engine)
+
+
+def _with_engine_settings(config: AppConfig, application: dict[str, Any],
+                          check_engine: bool) -> AppConfig:
+    """`config` with the engine settings of the model deployments' `user_config`s applied."""
+    by_deployment = {deployment_name(m.name): m for m in config.models}
+    models = {m.name: m for m in config.models}
+    for deployment in application.get("deployments") or []:
+        name = deployment.get("name")
+        if name == INGRESS_DEPLOYMENT or not deployment.get("user_config"):
+            continue
+        if name not in by_deployment:
+            raise ConfigError(f"invalid Roundhouse config: deployments: {name!r} has a "
+                              "user_config but is not a deployment of this app (models are "
+                              f"{', '.join(by_deployment)}, the ingress is "
+                              f"{INGRESS_DEPLOYMENT!r})")
+        model = by_deployment[name]
+        try:
+            models[model.name] = apply_engine_settings(model, deployment["user_config"])
+        except ValueError as exc:
+            raise ConfigError(f"invalid Roundhouse config: the user_config of {name}: "
+                              f"{exc}") from None
+    if all(models[m.name] is m for m in config.models):
         return config
-    try:
-        return apply_live(config, live)
-    except ValueError as exc:
-        raise ConfigError(f"invalid Roundhouse config: the ingress user_config: {exc}") from None
+    data = config.model_dump()
+    data["models"] = [models[m.name].model_dump() for m in config.models]
+    return parse_app_config(data, check_engine)
 
 
 def live_config(application: dict[str, Any]) -> LiveConfig | None:

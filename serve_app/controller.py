@@ -109,6 +109,9 @@ class _Model:
     node_id: str | None = None
     running: int = 0
     zero_since: float | None = None
+    # Its replica restarts its engine in place (new engine settings) until then: Serve counts
+    # the replica as not running meanwhile, which must not read as a lost replica.
+    restart_until: float = 0.0
     preload: bool = False  # load once at deploy, like a demand
     pending: bool = False  # a load is decided; waiting for victims to stop
     blocked: str = ""  # why a decided load has not started yet
@@ -231,11 +234,26 @@ class ResidencyController:
         if m is None:
             return
         m.pids, m.node_id = [tuple(p) for p in pids], node_id  # type: ignore[misc]
+        if m.restart_until:
+            m.restart_until = 0.0
+            self._log(f"restarted {model}: its engine is up with the new settings")
         self._log(f"engine up: {model} ({len(pids)} processes)", level=logging.DEBUG)
         self.reconcile()
 
+    def model_restarting(self, model: str, within_s: float) -> None:
+        """The model's replica restarts its engine with new settings (a model deployment's
+        user_config changed), to be back within `within_s`; model_ready ends it."""
+        m = self._models.get(model)
+        if m is None:
+            return
+        m.restart_until = self._clock() + within_s
+        self._log(f"restart {model}: new engine settings; its engine restarts in its replica",
+                  model=model)
+
     def model_failed(self, model: str, error: str) -> None:
         m = self._models.get(model)
+        if m is not None:
+            m.restart_until = 0.0  # a failed engine restart: Serve replaces the replica
         if m is None or m.state not in (State.LOADING, State.COLD):
             return
         self._fail(m, error)
@@ -365,7 +383,9 @@ class ResidencyController:
             elif now - m.since > m.config.start_timeout_s + START_GRACE_S:
                 self._fail(m, f"no running replica {now - m.since:.0f} s after the load began")
         elif m.state == State.ACTIVE:
-            if fresh and m.running == 0:
+            if fresh and m.running == 0 and now < m.restart_until:
+                m.zero_since = None  # restarting its engine in place, not lost
+            elif fresh and m.running == 0:
                 if m.zero_since is None:
                     m.zero_since = now
                 elif now - m.zero_since >= LOST_GRACE_S:
@@ -573,6 +593,7 @@ class ResidencyController:
                 "last_load_s": round(m.last_load_s, 1) if m.last_load_s else None,
                 "blocked": m.blocked or None,
                 "error": m.error or None,
+                "restarting_engine": now < m.restart_until,
                 "last_decision": self._decision_dict(self._last_decision.get(m.name)),
             }
         return {
@@ -693,6 +714,9 @@ def _make_actor_class() -> Any:
         async def model_ready(self, model: str, pids: list[tuple[int, float]],
                               node_id: str | None) -> None:
             self._core.model_ready(model, pids, node_id)
+
+        async def model_restarting(self, model: str, within_s: float) -> None:
+            self._core.model_restarting(model, within_s)
 
         async def model_failed(self, model: str, error: str) -> None:
             self._core.model_failed(model, error)

@@ -85,7 +85,7 @@ def _request_id(request: Request) -> tuple[str, str]:
 _MAX_ATTEMPTS = 3
 # What /v1/status adds from a running model's replica.
 _LIVE_STATS = ("in_flight", "queued_requests", "kv_reserved_tokens", "kv_budget_tokens",
-               "kv_capacity_tokens", "replica")
+               "kv_capacity_tokens", "replica", "engine_restarts")
 # Paths that need no key, and paths that need an admin key (when auth is on).
 _OPEN_PATHS = frozenset({"/health"})
 _ADMIN_PATHS = frozenset({"/v1/status"})

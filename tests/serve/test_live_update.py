@@ -1,6 +1,7 @@
 """Live config updates (Ray Serve, fake engine): a second `serve deploy` that changes routing
 rules, API keys and limits in the ingress deployment's `user_config` takes effect without
-restarting any model replica."""
+restarting any model replica; one that changes a model's engine settings (its deployment's
+`user_config`) restarts that model's engine alone."""
 
 from __future__ import annotations
 
@@ -64,3 +65,36 @@ def test_routing_keys_and_limits_change_without_restarting_models(deploy: Any) -
     assert model_handle("chat").stats.remote().result()["kv_budget_tokens"] == 500
     assert instances() == before, "a model replica restarted"
 
+
+
+def stats(model: str) -> dict[str, Any]:
+    return dict(model_handle(model).stats.remote().result(timeout_s=120))
+
+
+def same_engine(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    keys = ("instance", "replica", "engine_restarts")
+    return all(before[k] == after[k] for k in keys)
+
+
+def test_engine_settings_restart_only_that_models_engine(deploy: Any) -> None:
+    base_url = deploy(ARGS)
+    chat, code = stats("chat"), stats("code")
+    assert chat["kv_capacity_tokens"] == 1000
+
+    deploy(ARGS, fresh=False, deployments=[
+        {"name": "model-chat", "user_config": {"fake": {"kv_capacity_tokens": 3000}}}])
+    new_chat = wait_until(lambda: (s := stats("chat"))["engine_restarts"] == 1 and s, 120,
+                          "chat's engine to restart with the new settings")
+    assert new_chat["kv_capacity_tokens"] == new_chat["kv_budget_tokens"] == 3000
+    assert new_chat["instance"] != chat["instance"]  # a new engine...
+    assert new_chat["replica"] == chat["replica"]  # ...in the same replica
+    assert same_engine(code, stats("code")), "the code model was restarted"
+    assert post(base_url, 4).status_code == 200
+    routed = post(base_url, 4, CODE)
+    assert routed.status_code == 200 and routed.headers["x-roundhouse-model"] == "code"
+
+    deploy(ARGS, fresh=False)  # the entry removed: back to the args' settings
+    back = wait_until(lambda: (s := stats("chat"))["engine_restarts"] == 2 and s, 120,
+                      "chat's engine to restart with the args' settings")
+    assert back["kv_capacity_tokens"] == 1000 and back["replica"] == chat["replica"]
+    assert same_engine(code, stats("code")), "the code model was restarted"

@@ -112,3 +112,68 @@ def test_a_serve_config_file_with_live_overrides(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(ConfigError, match="ingress user_config"):
         load_app_config(path, check_engine=False)
+
+
+def test_engine_settings_override_the_args_key_by_key() -> None:
+    from serve_app.config import ModelConfig, apply_engine_settings
+
+    model = ModelConfig.model_validate({
+        "name": "chat", "model": "/m/chat", "env": {"A": "1", "B": "2"},
+        "engine_kwargs": {"enforce_eager": True, "max_num_seqs": 8}})
+    assert apply_engine_settings(model, None) is model
+    assert apply_engine_settings(model, {}) is model
+    changed = apply_engine_settings(model, {
+        "engine_kwargs": {"max_num_seqs": 16, "enforce_eager": None, "dtype": "bfloat16"},
+        "env": {"B": None, "C": "3"}, "start_timeout_s": 60})
+    assert changed.engine_kwargs == {"max_num_seqs": 16, "dtype": "bfloat16"}
+    assert changed.env == {"A": "1", "C": "3"}
+    assert changed.start_timeout_s == 60
+    assert changed.model_dump(exclude={"engine_kwargs", "env", "start_timeout_s"}) == \
+        model.model_dump(exclude={"engine_kwargs", "env", "start_timeout_s"})
+
+    fake = ModelConfig.model_validate({"name": "f", "engine": "fake",
+                                       "fake": {"kv_capacity_tokens": 1000, "ttft_s": 0.5}})
+    more = apply_engine_settings(fake, {"fake": {"kv_capacity_tokens": 3000}})
+    assert more.fake is not None and fake.fake is not None
+    assert (more.fake.kv_capacity_tokens, more.fake.ttft_s) == (3000, 0.5)
+
+
+@pytest.mark.parametrize(("user_config", "culprit"), [
+    ({"engine_kwargs": {"max_model_len": 4096}}, "engine_kwargs.max_model_len"),
+    ({"fake": {"max_model_len": 4096}}, "fake.max_model_len"),
+    ({"fake": {"ttft_s": 1}}, "this model runs vllm"),
+    ({"limits": {"max_output_tokens": 5}}, "limits"),
+    ({"start_timeout_s": 0}, "start_timeout_s"),
+    ({"env": {"A": 1}}, "env.A"),
+])
+def test_invalid_engine_settings_name_the_setting(user_config: dict[str, Any],
+                                                  culprit: str) -> None:
+    from serve_app.config import ModelConfig, apply_engine_settings
+
+    model = ModelConfig.model_validate({"name": "chat", "model": "/m/chat"})
+    with pytest.raises(ValueError, match=culprit):
+        apply_engine_settings(model, user_config)
+
+
+def test_a_serve_config_file_with_engine_settings(tmp_path: Path) -> None:
+    document = yaml.safe_load((REPO / "configs" / "local.yaml").read_text())
+    app = document["applications"][0]
+    app["deployments"] = [{"name": "model-code", "user_config": {
+        "engine_kwargs": {"max_num_seqs": 4}, "env": {"VLLM_CPU_KVCACHE_SPACE": "2"}}}]
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(document))
+    config = load_app_config(path)
+    assert config.model("code").engine_kwargs["max_num_seqs"] == 4
+    assert config.model("code").env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+    assert config.model("chat") == load_app_config(REPO / "configs" / "local.yaml").model("chat")
+
+    for bad, culprit in [({"engine_kwargs": {"no_such_arg": 1}}, "unknown vLLM engine_kwargs"),
+                         ({"engine_kwargs": {"max_model_len": 99}}, "user_config of model-code")]:
+        app["deployments"] = [{"name": "model-code", "user_config": bad}]
+        path.write_text(yaml.safe_dump(document))
+        with pytest.raises(ConfigError, match=culprit):
+            load_app_config(path)
+    app["deployments"] = [{"name": "model-nope", "user_config": {"env": {}}}]
+    path.write_text(yaml.safe_dump(document))
+    with pytest.raises(ConfigError, match="'model-nope' has a user_config"):
+        load_app_config(path, check_engine=False)

@@ -172,6 +172,34 @@ async def test_a_lost_replica_is_marked_cold_and_reloaded_on_demand() -> None:
     assert again.exception() is None and r.running["code"] == 1
 
 
+async def test_an_engine_restart_in_place_is_not_a_lost_replica() -> None:
+    r = rig()
+    await settle(r, lambda: r.state("chat") == "active")
+    r.core.model_restarting("chat", within_s=60)
+    assert r.core.status()["models"]["chat"]["restarting_engine"]
+    r.broken.add("chat")  # Serve counts the updating replica as not running
+    for _ in range(100):  # 10 s, far past the grace for a lost replica
+        r.clock.now += 0.1
+        r.serve_tick()
+    assert r.state("chat") == "active"
+    assert r.core.status()["models"]["chat"]["desired_replicas"] == 1
+    waiting = asyncio.ensure_future(r.core.ensure_ready("chat"))  # waits for it, no new load
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    r.broken.clear()
+    r.core.model_ready("chat", [(1, 1.0)], None)
+    await settle(r, waiting.done)
+    assert waiting.exception() is None
+    assert not r.core.status()["models"]["chat"]["restarting_engine"]
+    assert "restarted chat" in r.core.status()["models"]["chat"]["last_decision"]["message"]
+
+    began = r.clock.now
+    r.core.model_restarting("chat", within_s=5)  # one that never comes back
+    r.broken.add("chat")
+    await settle(r, lambda: r.state("chat") != "active", ticks=100)
+    assert r.clock.now >= began + 5  # lost, but not before its time ran out
+
+
 async def test_gpu_memory_probe_holds_a_load_until_the_device_has_room() -> None:
     r = rig(gpu_free=0.5, memory_probe_timeout_s=5)
     await settle(r, lambda: r.state("chat") == "cold" and bool(r.core.status()["models"]["chat"][
