@@ -196,7 +196,10 @@ def status_table(status: dict[str, Any], now: float) -> str:
         waiting = m.get("waiting_requests", 0) + (m.get("queued_requests") or 0)
         decision = m.get("last_decision") or {}
         last_use = now - m["idle_s"] if m.get("idle_s") is not None else None
-        rows.append((name, m["state"] + (" (pinned)" if m.get("pinned") else ""),
+        state = m["state"] + (" (pinned)" if m.get("pinned") else "")
+        if m.get("restarting_engine"):
+            state += " (engine restarting)"
+        rows.append((name, state,
                      f"{m['memory_gib']:.1f} GiB",
                      f"{m['running_replicas']}/{m['desired_replicas']}",
                      _ago(last_use, now), str(m.get("in_flight", "-")), str(waiting), kv,

@@ -4,6 +4,7 @@ Serve's replica counts fed in by hand the way the autoscaling policy reports the
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, NamedTuple
@@ -13,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from serve_app.autoscaling import decide
+from serve_app.cli import status_table
 from serve_app.controller import ResidencyController
 from serve_app.errors import ModelUnavailable
 from serve_app.policy.residency import failure_backoff_s
@@ -177,6 +179,8 @@ async def test_an_engine_restart_in_place_is_not_a_lost_replica() -> None:
     await settle(r, lambda: r.state("chat") == "active")
     r.core.model_restarting("chat", within_s=60)
     assert r.core.status()["models"]["chat"]["restarting_engine"]
+    table = status_table(r.core.status(), r.clock.now)
+    assert re.search(r"^chat\s+active \(pinned\) \(engine restarting\)", table, re.M), table
     r.broken.add("chat")  # Serve counts the updating replica as not running
     for _ in range(100):  # 10 s, far past the grace for a lost replica
         r.clock.now += 0.1
