@@ -27,7 +27,13 @@ from deployments.engine import (
 )
 from deployments.kv_admission import KvAdmission
 from serve_app import metrics
-from serve_app.config import ConfigError, ModelConfig, apply_engine_settings, deployment_name
+from serve_app.config import (
+    ConfigError,
+    EngineSettings,
+    ModelConfig,
+    apply_engine_settings,
+    deployment_name,
+)
 from serve_app.errors import BadRequest, GenerationTimeout, ModelDraining, ModelUnavailable
 from serve_app.protocol import (
     GenerateCall,
@@ -182,7 +188,7 @@ class ModelServer:
         config = self._configured(dict(user_config) if user_config else None)
         if config == self._config:
             return
-        changed = [k for k in ("engine_kwargs", "env", "fake", "start_timeout_s")
+        changed = [k for k in EngineSettings.model_fields
                    if getattr(config, k) != getattr(self._config, k)]
         logger.info("model %s: engine settings changed (%s); restarting its engine, %d "
                     "requests in flight", self._name, ", ".join(changed), self._in_flight)

@@ -40,8 +40,12 @@ def post(base_url: str, max_tokens: int, messages: list[dict[str, str]] | None =
         "messages": messages or [{"role": "user", "content": "hello"}]})
 
 
+def stats(model: str) -> dict[str, Any]:
+    return dict(model_handle(model).stats.remote().result(timeout_s=120))
+
+
 def instances() -> dict[str, str]:
-    return {m: model_handle(m).stats.remote().result()["instance"] for m in ("chat", "code")}
+    return {m: stats(m)["instance"] for m in ("chat", "code")}
 
 
 def test_routing_keys_and_limits_change_without_restarting_models(deploy: Any) -> None:
@@ -65,10 +69,6 @@ def test_routing_keys_and_limits_change_without_restarting_models(deploy: Any) -
     assert model_handle("chat").stats.remote().result()["kv_budget_tokens"] == 500
     assert instances() == before, "a model replica restarted"
 
-
-
-def stats(model: str) -> dict[str, Any]:
-    return dict(model_handle(model).stats.remote().result(timeout_s=120))
 
 
 def same_engine(before: dict[str, Any], after: dict[str, Any]) -> bool:
