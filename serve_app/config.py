@@ -157,10 +157,22 @@ class RouteRule(_Strict):
     when: RouteWhen = Field(default_factory=RouteWhen)
 
 
+class ClassifierConfig(_Strict):
+    """The learned part of routing: decides code / reasoning / chat when the high-precision
+    signals are not sure (see serve_app/policy/classifier.py)."""
+
+    enabled: bool = True
+    # A model file written by `roundhouse route train`; None: the model shipped with Roundhouse.
+    path: str | None = None
+    # Below this confidence the classifier's verdict is not used (the default model serves).
+    min_confidence: Annotated[float, Field(ge=0, le=1)] = 0.0
+
+
 class RoutingConfig(_Strict):
     """Where `"model": "auto"` goes: rules in order, first match wins, then `default_model`."""
 
     rules: list[RouteRule] = Field(default_factory=list)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
     # When a model is failed or cannot be loaded, serve its requests with this one instead.
     fallbacks: dict[str, str] = Field(default_factory=dict)
 
