@@ -70,3 +70,12 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The routing classifier shipped in serve_app/policy/ (docs/routing.md), rebuilt from the
+# labeled data in data/routing/; the same data gives the same bytes (tests check the shipped
+# file against a rebuild).
+ROUTER_DATA := $(sort $(wildcard data/routing/train-*.jsonl))
+.PHONY: router-model
+router-model: install
+	$(BIN)/roundhouse route train $(foreach f,$(ROUTER_DATA),--data $(f)) \
+	  --out serve_app/policy/router_model.json.gz

@@ -106,12 +106,16 @@ def _route(args: argparse.Namespace) -> int:
     import json
 
     from serve_app.errors import RoundhouseError
-    from serve_app.router import build_router, decide_body
 
-    config = _load_config(args, "route", check_engine=False)
-    if config is None:
+    if args.route_command == "train":
+        return _route_train(args)
+    router = _route_router(args, "route")
+    if router is None:
         return 1
-    router = build_router(config)
+    from serve_app.router import decide_body
+
+    if args.route_command == "eval":
+        return _route_eval(args, router)
     failures = 0
     for number, line in enumerate(sys.stdin, 1):
         if not line.strip():
@@ -133,6 +137,79 @@ def _route(args: argparse.Namespace) -> int:
     if failures:
         print(f"roundhouse route: {failures} line(s) could not be routed", file=sys.stderr)
     return 1 if failures else 0
+
+
+def _route_router(args: argparse.Namespace, command: str) -> Any:
+    """The router of the config named by --config, or None after printing why not."""
+    if not args.config:
+        print(f"roundhouse {command}: --config is required", file=sys.stderr)
+        return None
+    from serve_app.router import build_router
+
+    config = _load_config(args, command, check_engine=False)
+    if config is None:
+        return None
+    try:
+        return build_router(config)
+    except ValueError as exc:
+        print(f"roundhouse {command}: {exc}", file=sys.stderr)
+        return None
+
+
+def _route_train(args: argparse.Namespace) -> int:
+    """Trains the router's classifier on labeled request bodies and writes the model file."""
+    from serve_app.routing_train import DataError, train_files
+
+    try:
+        report = train_files(args.data, args.out, cv=not args.no_cv)
+    except (OSError, DataError) as exc:
+        print(f"roundhouse route train: {exc}", file=sys.stderr)
+        return 1
+    print(report.text())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _route_eval(args: argparse.Namespace, router: Any) -> int:
+    """Routes labeled request bodies (a `label` per line: chat, code, reasoning, or a model
+    name) and prints the accuracy, per-label recall and the confusion matrix."""
+    import json
+
+    from serve_app.errors import RoundhouseError
+    from serve_app.router import decide_body
+
+    labels: list[str] = []
+    pairs: list[tuple[str, str]] = []
+    for path in args.data:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    want = str(row.pop("label"))
+                    got = decide_body(router, row, args.endpoint, args.quality).model
+                except (RoundhouseError, ValueError, KeyError, AttributeError) as exc:
+                    print(f"roundhouse route eval: {path}:{number}: {exc}", file=sys.stderr)
+                    return 1
+                pairs.append((want, got))
+                for name in (want, got):
+                    if name not in labels:
+                        labels.append(name)
+    if not pairs:
+        print("roundhouse route eval: no labeled lines", file=sys.stderr)
+        return 1
+    right = sum(want == got for want, got in pairs)
+    print(f"accuracy {right / len(pairs):.3f} ({right}/{len(pairs)})")
+    corner = "label \\ routed"
+    print(f"{corner:>16}" + "".join(f"{got:>11}" for got in labels) + f"{'recall':>9}")
+    for want in labels:
+        row_counts = [sum(1 for w, g in pairs if w == want and g == got) for got in labels]
+        total = sum(row_counts)
+        if total:
+            recall = row_counts[labels.index(want)] / total
+            print(f"{want:>16}" + "".join(f"{n:>11}" for n in row_counts) + f"{recall:>9.3f}")
+    return 0
 
 
 def _wait_ready(args: argparse.Namespace) -> int:
@@ -270,16 +347,37 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--app", default=None, help="application name (default: the first)")
     res.set_defaults(func=_ray_resources)
     route = sub.add_parser(
-        "route", help="print the routing decision for each request body read from stdin",
+        "route", help="print the routing decision for each request body read from stdin; "
+                      "`route train` trains the routing classifier, `route eval` scores one",
         description="Reads request bodies (JSON Lines, one per line) on stdin and prints one "
                     "routing decision per line as JSON, without loading any model.")
-    route.add_argument("--config", required=True, help="a Serve config file")
+    route.add_argument("--config", default=None, help="a Serve config file (required unless "
+                                                      "training)")
     route.add_argument("--app", default=None, help="application name (default: the first)")
     route.add_argument("--endpoint", default=None,
                        help="/v1/chat/completions or /v1/completions (default: inferred from "
                             "each body: 'messages' or 'prompt')")
     route.add_argument("--quality", default=None, choices=["high", "standard"],
                        help="as if every request carried X-Roundhouse-Quality")
+    route_sub = route.add_subparsers(dest="route_command", metavar="{train,eval}")
+    train = route_sub.add_parser(
+        "train", help="train the routing classifier on labeled requests",
+        description="Trains the routing classifier on labeled request bodies (JSON Lines, "
+                    "each with a `label`: chat, code or reasoning; see docs/routing-labels.md) "
+                    "and writes the model file that `routing.classifier.path` names. The same "
+                    "data gives the same file, byte for byte.")
+    train.add_argument("--data", action="append", required=True, metavar="FILE.jsonl",
+                       help="labeled requests (repeat for several files)")
+    train.add_argument("--out", required=True, metavar="MODEL", help="the model file to write")
+    train.add_argument("--no-cv", action="store_true",
+                       help="skip the cross-validation (faster; the temperature stays 1, so "
+                            "confidences are not calibrated)")
+    evaluate = route_sub.add_parser(
+        "eval", help="route labeled requests with --config and print accuracy and confusion",
+        description="Routes labeled request bodies (JSON Lines with a `label`: the model that "
+                    "should serve each) with the config given to `route --config` and prints "
+                    "the accuracy, each label's recall and the confusion matrix.")
+    evaluate.add_argument("--data", action="append", required=True, metavar="FILE.jsonl")
     route.set_defaults(func=_route)
     stat = sub.add_parser("status", help="per model: state, memory, replicas, requests, KV, "
                                          "last decision (GET /v1/status)")

@@ -11,8 +11,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, ConfigError
 from serve_app.errors import BadRequest, ModelNotFound
+from serve_app.policy.classifier import ModelError, load_model
 from serve_app.policy.routing import (
     AUTO,
     QUALITY_LEVELS,
@@ -31,11 +32,22 @@ ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completions",
 
 
 def build_router(config: AppConfig) -> Router:
+    """The router of a config; its classifier model file is loaded (and checked) here, so a
+    missing or invalid `routing.classifier.path` fails the deploy with ConfigError."""
     names = config.lookup()
     rules = rules_from_config(
         [r.model_dump(exclude_none=True) for r in config.routing.rules], names)
     fallbacks = {names[k]: names[v] for k, v in config.routing.fallbacks.items()}
-    return Router(rules, config.default, names, fallbacks)
+    settings = config.routing.classifier
+    classifier = None
+    if settings.enabled:
+        try:
+            classifier = load_model(settings.path)
+        except ModelError as exc:
+            raise ConfigError(f"invalid Roundhouse config: routing.classifier.path: {exc}"
+                              ) from None
+    return Router(rules, config.default, names, fallbacks, classifier,
+                  settings.min_confidence)
 
 
 def _quality(value: Any, where: str) -> str | None:

@@ -3,6 +3,15 @@
 No model call and no network: the seed's point is that asking an LLM which LLM to ask defeats
 the purpose. A decision costs tens of microseconds (benchmarks/routing_speed.py).
 
+The hybrid (`routing.classifier.enabled`, the default): the high-precision signal decides when
+it is sure (code that is in the last user message: a fence, a trace, a diff, SQL, code lines);
+otherwise a small learned classifier (policy/classifier.py) decides chat, code or reasoning with
+a calibrated confidence, reading the last user message, the context at a lower weight, and the
+hand-written scores below as features of its own (it learned how far to trust each). Below
+`routing.classifier.min_confidence` it claims neither code nor reasoning, so the default model
+serves. Rule conditions `code` / `reasoning` test that verdict. With the classifier off, the
+hand-written scores decide alone (the behaviour before the hybrid).
+
 Signals (`Signals`, computed once per request by policy/signals.py):
 - code: fenced blocks, stack traces, diffs, lines that parse as code, file names, programming
   vocabulary and "write/fix/refactor a function" asks; the language is named when it can be told
@@ -31,12 +40,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from serve_app.policy.classifier import Classifier
 from serve_app.policy.signals import (
     THRESHOLD,
     Lexicon,
     Score,
     Text,
     language,
+    rule_features,
+    rule_scores,
     score_code,
     score_reasoning,
 )
@@ -87,6 +99,29 @@ class Signals:
     prompt_tokens: int  # estimate: characters / 4
     code_evidence: tuple[str, ...] = ()
     reasoning_evidence: tuple[str, ...] = ()
+    # Which part decided: "signal" (a high-precision signal was sure), "classifier", or
+    # "rules" (the classifier is off: the hand-written scores decided).
+    decided_by: str = "rules"
+    # The classifier's label and calibrated confidence (when it decided), and the model
+    # features that pushed most toward its label ("name +weight"; never other request text).
+    classifier_label: str | None = None
+    confidence: float | None = None
+    features: tuple[str, ...] = ()
+
+    def verdict(self) -> str:
+        """What the request is and which part said so, for reasons and logs."""
+        kind = "code" if self.code else "reasoning" if self.reasoning else "chat"
+        if self.code and self.language:
+            kind += f" ({self.language})"
+        if self.decided_by == "signal":
+            return f"{kind} by signal: {', '.join(self.code_evidence or self.reasoning_evidence)}"
+        if self.decided_by == "classifier":
+            said = self.classifier_label or kind
+            why = f": {', '.join(self.features)}" if self.features else ""
+            head = f"{kind} by classifier" if said == kind.split(" ")[0] else \
+                f"{kind}: classifier said {said} below min_confidence"
+            return f"{head}, confidence {self.confidence:.2f}{why}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -124,8 +159,12 @@ class RouteDecision:
         return out
 
 
+_CONTROL = {c: "?" for c in [*range(32), 127]}
+
+
 def _ascii(text: str) -> str:
-    return text.encode("ascii", "replace").decode("ascii")
+    """ASCII for a header: other characters as \\u escapes, control characters as '?'."""
+    return text.translate(_CONTROL).encode("ascii", "backslashreplace").decode("ascii")
 
 
 # --- rules ---------------------------------------------------------------------------------
@@ -181,14 +220,17 @@ class Condition:
             parts.append(f"endpoint {self.endpoint}")
         if self.quality is not None:
             parts.append(f"quality {self.quality}")
-        if self.code is not None or self.languages is not None:
+        if signals.decided_by != "rules" and (
+                self.code is not None or self.languages is not None or self.reasoning is not None):
+            parts.append(signals.verdict())
+        elif self.code is not None or self.languages is not None:
             if signals.code:
                 lang = f" ({signals.language})" if signals.language else ""
                 parts.append(f"code{lang} score {signals.code_score:g}: "
                              f"{', '.join(signals.code_evidence)}")
             else:
                 parts.append(f"no code (score {signals.code_score:g})")
-        if self.reasoning is not None:
+        if self.reasoning is not None and signals.decided_by == "rules":
             if signals.reasoning:
                 parts.append(f"reasoning score {signals.reasoning_score:g}: "
                              f"{', '.join(signals.reasoning_evidence)}")
@@ -231,11 +273,16 @@ class Router:
         default_model: str,
         names: Mapping[str, str],
         fallbacks: Mapping[str, str] | None = None,
+        classifier: Classifier | None = None,
+        min_confidence: float = 0.0,
     ) -> None:
         self.rules = tuple(rules)
         self.default_model = default_model
         self.names = dict(names)
         self.fallbacks = dict(fallbacks or {})
+        # None: the hand-written scores decide alone (routing.classifier.enabled: false).
+        self.classifier = classifier
+        self.min_confidence = min_confidence
 
     def decide(self, inp: RouteInput) -> RouteDecision:
         if inp.model and inp.model != AUTO:
@@ -244,7 +291,7 @@ class Router:
                 raise UnknownModel(inp.model, list(self.names))
             how = "by name" if model == inp.model else f"by its alias {inp.model!r}"
             return RouteDecision(model, "explicit", f"the request asked for {model} {how}")
-        signals = detect(inp)
+        signals = detect(inp, self.classifier, self.min_confidence)
         for rule in self.rules:
             if rule.when.holds(inp, signals):
                 return RouteDecision(rule.model, rule.name, rule.when.describe(signals),
@@ -257,6 +304,8 @@ class Router:
 
 
 def _default_reason(signals: Signals) -> str:
+    if signals.decided_by != "rules":
+        return f"no rule matched ({signals.verdict()})"
     return (f"no rule matched (code score {signals.code_score:g}, reasoning score "
             f"{signals.reasoning_score:g}, {signals.turns} user turns, "
             f"~{signals.prompt_tokens} prompt tokens)")
@@ -284,8 +333,12 @@ def _system(inp: RouteInput) -> str:
                      if role in ("system", "developer"))
 
 
-def detect(inp: RouteInput) -> Signals:
-    """The request's signals; the last user message decides most, context adds a bounded part."""
+def detect(inp: RouteInput, classifier: Classifier | None = None,
+           min_confidence: float = 0.0) -> Signals:
+    """The request's signals; the last user message decides most, context adds a bounded part.
+    With a classifier: the hybrid (see the module's docstring)."""
+    if classifier is not None:
+        return _hybrid(inp, classifier, min_confidence)
     messages = inp.messages
     last_index = -1
     turns = chars = 0
@@ -334,6 +387,41 @@ def detect(inp: RouteInput) -> Signals:
         turns=turns, prompt_tokens=(chars + 3) // 4,
         code_evidence=tuple(code.evidence), reasoning_evidence=tuple(reasoning.evidence),
     )
+
+
+def _hybrid(inp: RouteInput, classifier: Classifier, min_confidence: float) -> Signals:
+    messages = inp.messages
+    turns = chars = 0
+    for role, content in messages:
+        chars += len(content)
+        if role == "user":
+            turns += 1
+    tokens = (chars + 3) // 4
+    last, context = classifier.split(messages)
+    text = Text(last)
+    code, reasoning = rule_scores(text)
+    if code.structural or reasoning is None:
+        # Code that is there (a fence, a trace, a diff, SQL, code lines): sure.
+        return Signals(code=True, reasoning=False, language=language(text),
+                       code_score=code.score, reasoning_score=0.0, turns=turns,
+                       prompt_tokens=tokens, code_evidence=tuple(code.evidence),
+                       decided_by="signal")
+    verdict = classifier.score(last, context, inp.endpoint,
+                               rules=rule_features(code, reasoning))
+    confident = verdict.confidence >= min_confidence
+    is_code = confident and verdict.label == "code"
+    lang = None
+    if is_code:
+        lang = language(text)
+        if lang is None and context:
+            lang = language(Text(context))
+    return Signals(
+        code=is_code, reasoning=confident and verdict.label == "reasoning", language=lang,
+        code_score=round(code.score, 2), reasoning_score=round(reasoning.score, 2),
+        turns=turns, prompt_tokens=tokens, code_evidence=tuple(code.evidence),
+        reasoning_evidence=tuple(reasoning.evidence), decided_by="classifier",
+        classifier_label=verdict.label, confidence=round(verdict.confidence, 3),
+        features=tuple(f"{name} {weight:+.2f}" for name, weight in verdict.top))
 
 
 def rules_from_config(rules: Iterable[Mapping[str, Any]], names: Mapping[str, str]) -> list[Rule]:

@@ -1,18 +1,22 @@
-"""policy/routing.py and policy/signals.py: rules, decisions and the signals they read."""
+"""policy/routing.py and policy/signals.py: rules, decisions and the signals they read; the
+hybrid (signals, then the classifier) and its accuracy on labeled sets."""
 
 from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from serve_app.cli import main
 from serve_app.config import AppConfig, ConfigError, load_app_config, parse_app_config
 from serve_app.errors import BadRequest, ModelNotFound
+from serve_app.policy.classifier import load_model
 from serve_app.policy.routing import (
     Condition,
     RouteInput,
@@ -26,6 +30,10 @@ from tests.conftest import REPO
 
 LOCAL = REPO / "configs" / "local.yaml"
 NAMES = {"chat": "chat", "code": "code", "reasoning": "reasoning", "coder": "code"}
+LABELS = ("chat", "code", "reasoning")
+# The shipped configs' order: code, then reasoning, else the default (chat).
+ROLE_RULES = (Rule("code", "code", Condition(code=True)),
+              Rule("reasoning", "reasoning", Condition(reasoning=True)))
 
 
 def user(*texts: str, system: str | None = None) -> RouteInput:
@@ -36,7 +44,18 @@ def user(*texts: str, system: str | None = None) -> RouteInput:
 
 
 def router(*rules: Rule, fallbacks: dict[str, str] | None = None) -> Router:
+    """Rules over the hand-written signals alone (the classifier off)."""
     return Router(rules, "chat", NAMES, fallbacks)
+
+
+def hybrid(*rules: Rule, min_confidence: float = 0.0) -> Router:
+    """Rules over the hybrid's verdict, with the shipped classifier."""
+    return Router(rules or ROLE_RULES, "chat", NAMES, classifier=load_model(),
+                  min_confidence=min_confidence)
+
+
+def _header_safe(value: str) -> bool:
+    return all(32 <= ord(c) < 127 for c in value)
 
 
 # --- decisions -------------------------------------------------------------------------------
@@ -95,7 +114,7 @@ def test_decision_headers_are_ascii_and_carry_no_request_text() -> None:
     assert headers["x-roundhouse-model"] == "code"
     assert headers["x-roundhouse-language"] == "python"
     for value in headers.values():
-        value.encode("ascii")
+        assert _header_safe(value)
         assert secret not in value
     assert secret not in json.dumps(decision.as_dict())
     fallback = decision.with_fallback("chat", "code failed to load")
@@ -104,18 +123,27 @@ def test_decision_headers_are_ascii_and_carry_no_request_text() -> None:
     assert router(fallbacks={"code": "chat"}).fallback("code") == "chat"
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.tuples(st.sampled_from(["system", "user", "assistant", "tool"]),
-                          st.text(max_size=400)), max_size=6),
+_ANY_TEXT = st.text(alphabet=st.characters(codec=None, blacklist_categories=()), max_size=400)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(["system", "developer", "user", "assistant", "tool"]),
+                          _ANY_TEXT), max_size=6),
        st.sampled_from(["chat", "completions"]),
-       st.sampled_from([None, "high", "standard"]))
+       st.sampled_from([None, "high", "standard"]),
+       st.booleans())
 def test_any_request_gets_a_decision(messages: list[tuple[str, str]], endpoint: str,
-                                     quality: str | None) -> None:
-    r = build_router(load_app_config(LOCAL, check_engine=False))
+                                     quality: str | None, with_classifier: bool) -> None:
+    """Random unicode (lone surrogates and control characters included), random message
+    lists: a decision, with printable ASCII headers."""
+    config = load_app_config(LOCAL, check_engine=False)
+    r = build_router(config)
+    if not with_classifier:
+        r = Router(r.rules, r.default_model, r.names, r.fallbacks)
     decision = r.decide(RouteInput(endpoint, quality=quality, messages=tuple(messages)))
     assert decision.model in ("chat", "code", "reasoning")
     for value in decision.headers().values():
-        value.encode("latin-1")
+        assert _header_safe(value), value
     json.dumps(decision.as_dict())
 
 
@@ -203,31 +231,162 @@ def test_long_prompts_are_read_at_both_ends() -> None:
 # --- the labeled evaluation set --------------------------------------------------------------
 
 
-def test_eval_set_accuracy_and_confusion_matrix() -> None:
-    """tests/data/routing_eval.jsonl: realistic requests labeled with the local roles."""
+def _route_labeled(path: Path, threshold: float, recall: float) -> None:
+    """Routes a labeled set through configs/local.yaml (the hybrid), prints the accuracy, the
+    confusion matrix and what decided, and checks the accuracy and every label's recall."""
     r = build_router(load_app_config(LOCAL, check_engine=False))
-    rows = [json.loads(line) for line in (REPO / "tests/data/routing_eval.jsonl").open()]
-    assert len(rows) >= 150
-    labels = ("chat", "code", "reasoning")
-    matrix = {(want, got): 0 for want in labels for got in labels}
+    rows = [json.loads(line) for line in path.open() if line.strip()]
+    matrix = {(want, got): 0 for want in LABELS for got in LABELS}
+    deciders: dict[str, int] = {}
     misses = []
     for row in rows:
-        got = decide_body(r, row).model
+        decision = decide_body(r, row)
+        got = decision.model
+        by = decision.signals.decided_by if decision.signals else decision.rule
+        deciders[by] = deciders.get(by, 0) + 1
         matrix[(row["label"], got)] += 1
         if got != row["label"]:
-            misses.append(f"{row['label']} -> {got}: {json.dumps(row)[:120]}")
-    correct = sum(matrix[(label, label)] for label in labels)
+            misses.append(f"{row['label']} -> {got} ({decision.reason[:100]})")
+    correct = sum(matrix[(label, label)] for label in LABELS)
     accuracy = correct / len(rows)
     corner = "label \\ routed"
     table = "\n".join(
-        [f"{corner:>16}" + "".join(f"{got:>11}" for got in labels)]
-        + [f"{want:>16}" + "".join(f"{matrix[(want, got)]:>11}" for got in labels)
-           for want in labels])
-    print(f"\nrouting accuracy {accuracy:.3f} ({correct}/{len(rows)})\n{table}")
-    assert accuracy >= 0.95, f"{accuracy:.3f}\n{table}\n" + "\n".join(misses)
-    for label in labels:
-        total = sum(matrix[(label, got)] for got in labels)
-        assert matrix[(label, label)] / total >= 0.9, f"recall of {label}\n{table}"
+        [f"{corner:>16}" + "".join(f"{got:>11}" for got in LABELS) + f"{'recall':>9}"]
+        + [f"{want:>16}" + "".join(f"{matrix[(want, got)]:>11}" for got in LABELS)
+           + f"{matrix[(want, want)] / max(1, sum(matrix[(want, g)] for g in LABELS)):>9.3f}"
+           for want in LABELS])
+    print(f"\n{path.name}: routing accuracy {accuracy:.3f} ({correct}/{len(rows)}); decided "
+          f"by {deciders}\n{table}")
+    assert accuracy >= threshold, f"{accuracy:.3f}\n{table}\n" + "\n".join(misses)
+    for label in LABELS:
+        total = sum(matrix[(label, got)] for got in LABELS)
+        assert matrix[(label, label)] / total >= recall, f"recall of {label}\n{table}\n" + \
+            "\n".join(misses)
+
+
+def test_eval_set_accuracy_and_confusion_matrix() -> None:
+    """tests/data/routing_eval.jsonl, the regression set: the 410 requests the hand-written
+    rules were tuned on (the classifier was not trained on them)."""
+    _route_labeled(REPO / "tests/data/routing_eval.jsonl", 0.97, 0.92)
+
+
+def test_heldout_set_accuracy_and_confusion_matrix() -> None:
+    """tests/data/routing_heldout.jsonl: requests written apart from the training data, never
+    used to train or tune anything (docs/routing.md)."""
+    path = REPO / "tests/data/routing_heldout.jsonl"
+    assert path.exists(), "the held-out set is missing"
+    _route_labeled(path, 0.95, 0.92)
+
+
+@pytest.mark.parametrize("text", [
+    "I saw a huge python at the zoo today, how long do they get?",
+    "Planning a trip to the island of Java, which temples should we see?",
+    "How do I get rust off my bike chain?",
+    "Tell me about the history of the C programming language.",
+    "Is Java coffee actually from Java?",
+    "What does a ruby symbolize?",
+    "Tell me about the Go board game.",
+    "Research shows that people sleep better in cool rooms. Why?",
+    "How can I prove my identity to the bank without a passport?",
+    "Give me step-by-step instructions to reset my router.",
+    "I have 2 kids aged 5 and 8, what movies can we watch?",
+    "What's a 20% tip on a $45 dinner?",
+    "Write a short poem about a programmer who can't sleep.",
+])
+def test_traps_stay_on_chat(text: str) -> None:
+    decision = hybrid().decide(user(text))
+    assert decision.model == "chat", decision.reason
+
+
+def test_signals_decide_when_sure_and_the_classifier_otherwise() -> None:
+    r = hybrid()
+    fenced = r.decide(user("why?\n```python\nprint(1/0)\n```"))
+    assert (fenced.model, fenced.signals.decided_by) == ("code", "signal")  # type: ignore[union-attr]
+    assert fenced.reason == "code (python) by signal: fenced block"
+    prose = r.decide(user("my container exits with code 137 a few seconds after it starts"))
+    assert prose.model == "code" and prose.signals is not None
+    assert prose.signals.decided_by == "classifier" and 0.5 < prose.signals.confidence <= 1
+    assert prose.reason.startswith("code by classifier, confidence 0.") or \
+        prose.reason.startswith("code (")
+    assert prose.signals.features and all(" +" in f for f in prose.signals.features)
+    puzzle = r.decide(user("Three people need to cross a bridge at night with one torch; the "
+                           "bridge holds two. They take 1, 2 and 5 minutes. What is the "
+                           "fastest they can all get across?"))
+    assert puzzle.model == "reasoning"
+
+
+def test_min_confidence_sends_unsure_verdicts_to_the_default() -> None:
+    text = user("my container exits with code 137 a few seconds after it starts")
+    assert hybrid(min_confidence=0.0).decide(text).model == "code"
+    unsure = hybrid(min_confidence=1.0).decide(text)
+    assert (unsure.model, unsure.rule) == ("chat", "default")
+    assert "below min_confidence" in unsure.reason
+    # A sure signal is not the classifier's: min_confidence does not apply to it.
+    fenced = hybrid(min_confidence=1.0).decide(user("```go\nfunc main() {}\n```"))
+    assert fenced.model == "code"
+
+
+def test_classifier_off_is_the_rules_alone() -> None:
+    config = load_app_config(LOCAL, check_engine=False)
+    off = config.model_copy(update={"routing": config.routing.model_copy(update={
+        "classifier": config.routing.classifier.model_copy(update={"enabled": False})})})
+    r = build_router(off)
+    assert r.classifier is None
+    inp = user("my container exits with code 137 a few seconds after it starts")
+    assert r.decide(inp).signals == detect(inp)
+    assert detect(inp).decided_by == "rules"
+
+
+def test_the_last_turn_decides_and_context_helps() -> None:
+    r = hybrid()
+    session = ("my flask app crashes on startup with ModuleNotFoundError: No module named "
+               "'flask_cors'",
+               "Install it in the same virtualenv: `pip install flask-cors`, then restart.")
+    assert r.decide(user(*session, "thanks, that worked!")).model == "chat"
+    assert r.decide(user(*session, "ok and how do I make it start automatically when the "
+                                   "server boots?")).model == "code"
+    small_talk = user("Good morning! How was your weekend?",
+                      system="You are a senior Python engineer. Answer with code.")
+    assert r.decide(small_talk).model == "chat"
+
+
+def test_rules_on_code_and_languages_see_the_classifier_verdict() -> None:
+    r = hybrid(Rule("python", "code", Condition(languages=frozenset({"python"}))),
+               Rule("reasoning", "reasoning", Condition(reasoning=True)))
+    decision = r.decide(user("in python, why is my list comprehension so slow on 10 million "
+                             "items compared to numpy"))
+    assert (decision.rule, decision.language) == ("python", "python")
+    assert "by classifier" in decision.reason
+
+
+def test_a_missing_or_invalid_model_file_fails_the_config(tmp_path: Path) -> None:
+    bad = tmp_path / "model.json.gz"
+    bad.write_text("{}")
+    for path, message in ((tmp_path / "missing.json.gz", "cannot read the model file"),
+                          (bad, "not a Roundhouse router model")):
+        config = AppConfig.model_validate(_args(classifier={"path": str(path)}))
+        with pytest.raises(ConfigError, match=f"routing.classifier.path: .*{message}"):
+            build_router(config)
+
+
+def test_route_train_and_eval_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                       ) -> None:
+    data = REPO / "tests/data/routing_eval.jsonl"
+    model = tmp_path / "model.json.gz"
+    assert main(["route", "train", "--data", str(data), "--out", str(model), "--no-cv"]) == 0
+    assert "training accuracy" in capsys.readouterr().out
+    config = tmp_path / "serve.yaml"
+    document = yaml.safe_load(LOCAL.read_text())
+    document["applications"][0]["args"]["routing"]["classifier"] = {"path": str(model)}
+    config.write_text(yaml.safe_dump(document))
+    assert load_app_config(config, check_engine=False).routing.classifier.path == str(model)
+    assert main(["route", "--config", str(config), "eval", "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split()[1]) >= 0.95 and "recall" in out
+    assert main(["route", "train", "--data", str(tmp_path / "nope.jsonl"), "--out",
+                 str(model)]) == 1
+    assert main(["route"]) == 1
+    assert "--config is required" in capsys.readouterr().err
 
 
 # --- config and tools ------------------------------------------------------------------------
@@ -265,7 +424,7 @@ def test_rules_and_fallbacks_accept_aliases() -> None:
 
 def test_body_errors_are_openai_errors() -> None:
     r = build_router(load_app_config(LOCAL, check_engine=False))
-    with pytest.raises(BadRequest, match="neither 'messages' nor 'prompt'"):
+    with pytest.raises(BadRequest, match="the body has neither 'messages'"):
         decide_body(r, {"model": "auto"})
     with pytest.raises(BadRequest, match="X-Roundhouse-Quality must be one of high, standard"):
         decide_body(r, {"messages": [{"role": "user", "content": "x"}]}, quality_header="max")
