@@ -167,7 +167,7 @@ def wordllama_lr(train_ex: list[Example], eval_ex: list[Example]) -> dict[str, A
         return np.hstack([last, 0.5 * context])
 
     def make() -> Any:
-        return LogisticRegression(C=10.0, max_iter=3000, class_weight="balanced")
+        return LogisticRegression(C=1.0, max_iter=3000, class_weight="balanced")
 
     out, model = _sk_cv(make, x_of, train_ex, eval_ex)
     w, b = model.coef_.T.astype(np.float32), model.intercept_.astype(np.float32)
@@ -224,9 +224,12 @@ def main() -> int:
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "train": {"files": digests, "examples": len(train_ex)},
            "regression_examples": len(eval_ex), "candidates": results}
-    if not args.only:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "routing_candidates.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = RESULTS / "routing_candidates.json"
+    if args.only and path.exists():  # update those candidates in the last full run's file
+        previous = json.loads(path.read_text())
+        out["candidates"] = {**previous["candidates"], **results}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

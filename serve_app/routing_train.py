@@ -129,7 +129,8 @@ def example_texts(ex: Example, settings: dict[str, Any]) -> tuple[str, str]:
 
 
 def example_features(ex: Example, settings: dict[str, Any]) -> Features:
-    return features(*example_texts(ex, settings), ex.endpoint, bool(settings["rules"]))
+    return features(*example_texts(ex, settings), ex.endpoint, bool(settings["rules"]),
+                    bool(settings["pairs"]))
 
 
 # --- the design matrix -------------------------------------------------------------------------

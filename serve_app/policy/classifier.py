@@ -48,6 +48,7 @@ DEFAULT_SETTINGS: dict[str, Any] = {
     "ngram_weight": 4.0,  # a word's n-grams share this value (a word's own feature has 1)
     "embeddings": True,  # the static-embedding part (its table is empty when off)
     "rules": True,  # the hand-written scores of policy/signals.py as features
+    "pairs": False,  # adjacent word pairs as features (no better in CV, and slower)
 }
 _MAX_UNKNOWN_WORDS = 64
 
@@ -172,14 +173,15 @@ class Features:
     context: tuple[str, ...]  # unique words of the context
 
 
-def features(last: str, context: str, endpoint: str, rules: bool = True) -> Features:
+def features(last: str, context: str, endpoint: str, rules: bool = True,
+             pairs: bool = True) -> Features:
     tokens = tokenize(last)
     shape = shape_features(last, tokens, endpoint, context)
     if rules:
         shape.extend(rule_features(*rule_scores(Text(last))))
     return Features(
         words=tuple(dict.fromkeys(tokens)),
-        pairs=tuple(dict.fromkeys(zip(tokens, tokens[1:], strict=False))),
+        pairs=tuple(dict.fromkeys(zip(tokens, tokens[1:], strict=False))) if pairs else (),
         shape=tuple(shape),
         context=tuple(dict.fromkeys(tokenize(context))) if context else (),
     )
@@ -243,6 +245,7 @@ class Classifier:
             self._context_weight = float(self.settings["context_weight"])
             self._ngram_weight = float(self.settings["ngram_weight"])
             self._rules = bool(self.settings["rules"])
+            self._pairs = bool(self.settings["pairs"])
         except ModelError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -309,7 +312,8 @@ class Classifier:
         tokens = tokenize(last)
         words = set(tokens)
         found: set[Any] = set(words)
-        found.update(zip(tokens, tokens[1:], strict=False))
+        if self._pairs:
+            found.update(zip(tokens, tokens[1:], strict=False))
         found.update(shape_features(last, tokens, endpoint, context))
         if self._rules:
             found.update(rules if rules is not None else rule_features(*rule_scores(Text(last))))
