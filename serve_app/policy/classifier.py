@@ -97,10 +97,21 @@ def tokenize(text: str) -> list[str]:
 
 
 def char_ngrams(word: str, low: int, high: int) -> list[str]:
-    """fastText's subwords: the n-grams of "<word>" for n in [low, high] (with repeats)."""
+    """fastText's subwords: the n-grams of "<word>" for n in [low, high] (with repeats), by n
+    then position."""
     marked = f"<{word}>"
     size = len(marked)
-    return [marked[i:i + n] for n in range(low, high + 1) for i in range(size - n + 1)]
+    slices = _SLICES.get((size, low, high))
+    if slices is None:
+        slices = tuple(slice(i, i + n) for n in range(low, high + 1)
+                       for i in range(size - n + 1))
+        if size <= 48:
+            _SLICES[(size, low, high)] = slices
+    return list(map(marked.__getitem__, slices))
+
+
+# (length of "<word>", low, high) -> the slices of its n-grams: cutting is then one C-level map.
+_SLICES: dict[tuple[int, int, int], tuple[slice, ...]] = {}
 
 
 def has_ngrams(word: str) -> bool:
@@ -279,15 +290,16 @@ class Classifier:
         self._context_keys = frozenset(context)
 
     def _subword(self, word: str) -> tuple[float, ...]:
-        """The mean weight of the word's n-grams (unknown n-grams weigh 0)."""
+        """The mean weight of the word's n-grams (unknown n-grams weigh 0), times the n-gram
+        weight."""
         if not has_ngrams(word):
             return _ZERO
         grams = char_ngrams(word, self._low, self._high)
-        found = [w for w in map(self._ngrams.get, grams) if w is not None]
+        found = list(zip(*filter(None, map(self._ngrams.get, grams)), strict=True))
         if not found:
             return _ZERO
         share = self._ngram_weight / len(grams)
-        return tuple(sum(w[c] for w in found) * share for c in range(len(LABELS)))
+        return (sum(found[0]) * share, sum(found[1]) * share, sum(found[2]) * share)
 
     def _unknown(self, word: str) -> tuple[float, ...]:
         """_subword of a word outside the vocabulary, remembered (a bounded cache)."""
