@@ -120,7 +120,7 @@ class Signals:
             why = f": {', '.join(self.features)}" if self.features else ""
             head = f"{kind} by classifier" if said == kind.split(" ")[0] else \
                 f"{kind}: classifier said {said} below min_confidence"
-            return f"{head}, confidence {self.confidence:.2f}{why}"
+            return f"{head}, confidence {self.confidence:.3f}{why}"
         return ""
 
 
