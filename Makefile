@@ -65,8 +65,7 @@ bench: models
 
 lint: install
 	$(BIN)/ruff check serve_app deployments tests benchmarks
-	$(BIN)/mypy serve_app/policy serve_app/controller.py serve_app/autoscaling.py \
-	  serve_app/residency_client.py serve_app/router.py serve_app/auth.py
+	$(BIN)/mypy serve_app deployments
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -191,10 +191,9 @@ def gateway_cost_us(tokenizer: str, requests: int = 2000) -> dict[str, dict[str,
     from serve_app.auth import KeyTable
     from serve_app.config import AppConfig
     from serve_app.policy.ratelimit import RateLimiter
-    from serve_app.protocol import CompletionRequest
-    from serve_app.router import build_router, decide, route_input
+    from serve_app.router import build_router, decide, route_input, routing_view
 
-    config = AppConfig.model_validate({"models": [{"name": MODEL_NAME, "engine": "fake"}],
+    config = AppConfig.model_validate({"models": [{"name": MODEL_NAME, "model": "fake"}],
                                        **gateway_args()})
     keys = KeyTable(True, config.auth.keys, config.lookup())
     limiter, router = RateLimiter(), build_router(config)
@@ -202,8 +201,7 @@ def gateway_cost_us(tokenizer: str, requests: int = 2000) -> dict[str, dict[str,
     rng = random.Random(0)
     prompts = [tok.decode([rng.randrange(tok.vocab_size) for _ in range(128)])
                for _ in range(200)]
-    bodies = [CompletionRequest.model_validate({"model": "auto", "prompt": p, "max_tokens": 64})
-              for p in prompts]
+    bodies = [{"model": "auto", "prompt": p, "max_tokens": 64} for p in prompts]
     gate: list[float] = []
     routing: list[float] = []
     for i in range(requests):
@@ -211,9 +209,11 @@ def gateway_cost_us(tokenizer: str, requests: int = 2000) -> dict[str, dict[str,
         started = time.perf_counter()
         principal = keys.authenticate(f"Bearer {GATEWAY_KEY}")
         limiter.request(principal.name, principal.limits, started)
-        limiter.tokens(principal.name, principal.limits, 192, started)
+        limiter.tokens_left(principal.name, principal.limits, started)
         checked = time.perf_counter()
-        principal.may_use(decide(router, route_input(body, None)).model)
+        view = routing_view(body, "/v1/completions")
+        principal.may_use(decide(router, route_input(view, None)).model)
+        limiter.charge_tokens(principal.name, principal.limits, 192, started)
         gate.append((checked - started) * 1e6)
         routing.append((time.perf_counter() - checked) * 1e6)
 

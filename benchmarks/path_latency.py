@@ -55,8 +55,8 @@ def main() -> int:
 
     ray.init(address="local", include_dashboard=False, logging_level="ERROR",
              log_to_driver=False)
-    document = serve_config({"models": [{"name": "chat", "engine": "fake", "pinned": True,
-                                         "fake": {"tokens_per_s": 100000}}]}, PORT)
+    document = serve_config({"models": [{"name": "chat", "model": "fake", "pinned": True,
+                                         "engine_kwargs": {"tokens_per_s": 100000}}]}, PORT)
     serve_start(http_options={"host": "127.0.0.1", "port": PORT}).deploy_apps(
         ServeDeploySchema.model_validate(document))
     url = f"http://127.0.0.1:{PORT}/v1/chat/completions"

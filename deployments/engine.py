@@ -1,78 +1,58 @@
 """The contract between a model replica and whatever generates tokens.
 
-`ModelServer` only talks to this protocol, so the real vLLM engine and the deterministic fake
-engine used by lifecycle tests are interchangeable per model.
+An engine serves OpenAI requests through an ASGI app of its own (for vLLM: the app of vLLM's
+OpenAI server, on vLLM's serving objects), so every field and behaviour the engine's server has,
+Roundhouse has. Before each generation reaches the engine, the engine asks the replica's `Gate`
+for room: admission (output cap, KV reservation, queue, timeouts) lives in one place, the
+replica, and engines only report what they are about to run.
+
+`ModelServer` takes the engine class as an argument (as Ray Serve LLM's `LLMServer` takes
+`engine_cls`): `VllmEngine` in production, a fake engine with the same interface in the tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol, runtime_checkable
 
-from serve_app.protocol import Sampling
-
-
-@dataclass(frozen=True)
-class EngineRequest:
-    request_id: str  # unique per engine request (not the client's x-request-id)
-    sampling: Sampling
-    prompt: str | None = None  # completions
-    messages: tuple[dict[str, str], ...] = ()  # chat: the engine applies its chat template
-
-
-@dataclass(frozen=True)
-class EngineOutput:
-    """New text for one choice since the previous output (a delta, never cumulative)."""
-
-    index: int
-    text: str
-    num_tokens: int  # tokens generated for this choice in this delta
-    prompt_tokens: int
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once the choice is done
+from deployments.asgi import AsgiApp
+from serve_app.config import ModelConfig
 
 
 class EngineError(Exception):
     """The engine cannot serve (failed to start, died); the message names the cause."""
 
 
-class InvalidRequest(ValueError):
-    """The engine refuses the request's parameters (a client error, not an engine failure)."""
+class Generation(Protocol):
+    """One admitted engine request: its output limit after the model's cap, and where the
+    engine reports what it produced (for usage and the tokens-per-minute charge)."""
 
-    def __init__(self, message: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.param = param
+    max_tokens: int
+
+    def produced(self, index: int, tokens: int, cumulative: bool) -> None:
+        """`tokens` new tokens for choice `index` (or, if `cumulative`, its total so far)."""
 
 
-class PromptTooLong(ValueError):
-    def __init__(self, prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
-        wanted = prompt_tokens + (max_tokens or 0)
-        what = f"{prompt_tokens} prompt tokens"
-        if max_tokens:
-            what += f" + {max_tokens} max_tokens = {wanted}"
-        super().__init__(
-            f"this model's context is {max_model_len} tokens, but the request needs {what}; "
-            "shorten the prompt or lower max_tokens"
-        )
-        self.prompt_tokens = prompt_tokens
-        self.max_model_len = max_model_len
+class Gate(Protocol):
+    def generation(self, request_id: str, prompt_tokens: int, max_tokens: int,
+                   n: int) -> AbstractAsyncContextManager[Generation]:
+        """Admits one engine request (raising an OpenAI error when it cannot be served) and
+        holds its KV reservation for the body of the `async with`."""
 
 
 @runtime_checkable
 class Engine(Protocol):
     @property
+    def app(self) -> AsgiApp:
+        """The engine's OpenAI server app (after start)."""
+
+    @property
     def max_model_len(self) -> int: ...
 
-    async def start(self) -> None:
-        """Load weights and allocate the KV cache; raise EngineError if that fails."""
-
-    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
-        """Stream deltas; raise PromptTooLong before the first output if it cannot fit.
-
-        Cancelling the iteration (client gone) must abort the request in the engine.
-        """
-
-    async def abort(self, request_id: str) -> None: ...
+    async def start(self, gate: Gate) -> None:
+        """Load weights, allocate the KV cache, build the app; raise EngineError if that fails.
+        Every generation the app runs goes through `gate.generation` first."""
 
     def num_unfinished(self) -> int:
         """Requests the engine is still working on (a cancelled one must drop out)."""
@@ -85,3 +65,14 @@ class Engine(Protocol):
 
     async def shutdown(self) -> None:
         """Free the engine's memory and stop its processes; safe to call twice."""
+
+
+# Builds an engine for a model's (merged) config; a class or a picklable callable.
+EngineFactory = Callable[[ModelConfig], Engine]
+
+
+def config_problems(factory: Any, model: ModelConfig) -> list[str]:
+    """What the engine class finds wrong with a model's settings (checked at deploy time);
+    engines without a `config_problems` classmethod accept everything."""
+    check = getattr(factory, "config_problems", None)
+    return list(check(model)) if check is not None else []

@@ -1,8 +1,11 @@
-"""The one Serve deployment class behind every model: wraps an Engine, speaks OpenAI shapes.
+"""The one Serve deployment class behind every model: an engine and the admission gate in front
+of it.
 
-The ingress sends a `GenerateCall`; the replica answers with SSE-ready `data:` lines (so the
-ingress only forwards bytes) followed by a `StreamEnd` carrying the usage, or with one complete
-response body for non-streaming requests.
+The ingress forwards a client's OpenAI request (`ForwardedRequest`); the replica runs it through
+the engine's own OpenAI app (vLLM's, for the real engine) and answers with the whole response
+(`call`) or a stream (`stream`: a `StreamHead` once the request is admitted and produced its
+first bytes, then batches of bytes, then a `StreamEnd` with the usage). Admission lives here, in
+one place (deployments/gate.py): output cap, KV reservation and queue, generation timeout.
 """
 
 from __future__ import annotations
@@ -17,66 +20,45 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine import (
-    Engine,
-    EngineError,
-    EngineOutput,
-    EngineRequest,
-    InvalidRequest,
-    PromptTooLong,
-)
+from deployments.asgi import Exchange, http_scope
+from deployments.engine import Engine, EngineError, EngineFactory
+from deployments.gate import ReplicaGate, RequestScope, scoped_context
 from deployments.kv_admission import KvAdmission
 from serve_app import metrics
 from serve_app.config import (
     ConfigError,
     EngineSettings,
     ModelConfig,
+    ModelLimits,
     apply_engine_settings,
     deployment_name,
 )
-from serve_app.errors import BadRequest, GenerationTimeout, ModelDraining, ModelUnavailable
-from serve_app.protocol import (
-    GenerateCall,
-    StreamEnd,
-    Usage,
-    chat_chunk,
-    completion_chunk,
-    full_response,
-    response_id,
-    usage_chunk,
+from serve_app.errors import (
+    BadRequest,
+    ModelDraining,
+    ModelUnavailable,
+    RoundhouseError,
+    engine_error,
+    stream_error_event,
 )
+from serve_app.protocol import ForwardedRequest, Reply, StreamEnd, StreamHead
 
 logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
+# The body fields that set a request's output limit, per endpoint (OpenAI's names).
+OUTPUT_LIMIT_FIELDS = {
+    "/v1/chat/completions": ("max_completion_tokens", "max_tokens"),
+    "/v1/completions": ("max_tokens",),
+    "/v1/responses": ("max_output_tokens",),
+}
+# An error event as vLLM's streaming generators write it (they report errors in-band).
+_ERROR_EVENT = b'data: {"error"'
 
-def make_engine(config: ModelConfig) -> Engine:
-    if config.engine == "fake":
-        from deployments.fake_engine import FakeEngine
-        from serve_app.config import FakeEngineConfig
 
-        return FakeEngine(config.fake or FakeEngineConfig())
+def default_engine_factory() -> EngineFactory:
     from deployments.vllm_engine import VllmEngine
 
-    return VllmEngine(config)
-
-
-def _sse(obj: dict[str, Any]) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
-
-
-class _Tally:
-    """Per-request token counts: prompt tokens once per prompt, completion tokens per delta."""
-
-    def __init__(self, num_prompts: int) -> None:
-        self._prompt = [0] * num_prompts
-        self.completion = 0
-
-    def add(self, prompt_index: int, out: EngineOutput) -> None:
-        self._prompt[prompt_index] = out.prompt_tokens
-        self.completion += out.num_tokens
-
-    def usage(self) -> Usage:
-        return Usage(prompt_tokens=sum(self._prompt), completion_tokens=self.completion)
+    return VllmEngine
 
 
 # How long an engine restart (new engine settings) lets the requests in flight finish before it
@@ -98,9 +80,11 @@ def _replica_user_config() -> dict[str, Any] | None:
 
 @serve.deployment(max_ongoing_requests=256, health_check_period_s=10, health_check_timeout_s=30)
 class ModelServer:
-    async def __init__(self, config: dict[str, Any], engine: Engine | None = None) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
+            self, config: dict[str, Any], engine_factory: EngineFactory | None = None) -> None:
         # `config` is the model's entry in the app's args; the deployment's `user_config`
-        # (engine settings, see EngineSettings) goes on top of it.
+        # (engine settings, see EngineSettings) goes on top of it. `engine_factory` builds the
+        # engine (vLLM's unless the app was built with another, as the tests do).
         self._base_config = ModelConfig.model_validate(config)
         self._name = self._base_config.name
         self._config = self._configured(_replica_user_config())
@@ -119,7 +103,9 @@ class ModelServer:
         self._admission: KvAdmission | None = None
         self._env_saved: dict[str, str | None] = {}
         self._failed: str | None = None  # why the engine is down after a failed restart
-        self._engine = engine or self._new_engine(self._config)
+        self._factory = engine_factory or default_engine_factory()
+        self._gate = ReplicaGate(self._name, lambda: self._admission, lambda: self._limits)
+        self._engine = self._new_engine(self._config)
         await self._start_engine()
 
     def _configured(self, user_config: dict[str, Any] | None) -> ModelConfig:
@@ -149,14 +135,14 @@ class ModelServer:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
-        return make_engine(config)
+        return self._factory(config)
 
     async def _start_engine(self) -> None:
         """Starts self._engine; sizes the KV admission gate to it; tells the controller."""
         self._instance = uuid.uuid4().hex  # new with every engine start
         timeout_s = self._config.start_timeout_s
         try:
-            await asyncio.wait_for(self._engine.start(), timeout=timeout_s)
+            await asyncio.wait_for(self._engine.start(self._gate), timeout=timeout_s)
         except BaseException as exc:
             with contextlib.suppress(Exception):
                 await self._engine.shutdown()
@@ -215,104 +201,121 @@ class ModelServer:
             await _report("model_failed", self._name, self._failed)
             raise
 
-    # --- generation -----------------------------------------------------------------------
+    # --- requests ---------------------------------------------------------------------------
 
-    def _engine_requests(self, call: GenerateCall) -> list[EngineRequest]:
-        if call.endpoint == "chat":
-            return [EngineRequest(f"{call.request_id}-{uuid.uuid4().hex[:8]}", call.sampling,
-                                  messages=call.messages)]
-        return [
-            EngineRequest(f"{call.request_id}-{i}-{uuid.uuid4().hex[:8]}", call.sampling,
-                          prompt=prompt)
-            for i, prompt in enumerate(call.prompts)
-        ]
-
-    async def _outputs(self, call: GenerateCall) -> AsyncIterator[tuple[int, EngineOutput]]:
-        """(prompt index, output) from one engine stream per prompt, merged as they come.
-        Past the request timeout the engine requests are aborted and 504 is raised."""
-        requests = self._engine_requests(call)
-        finished: set[str] = set()
-        expired: list[bool] = []
-        timer = None
-        timeout_s = self._limits.request_timeout_s
-        if timeout_s is not None:
-            def expire() -> None:
-                expired.append(True)
-                for r in requests:
-                    asyncio.get_running_loop().create_task(self._engine.abort(r.request_id))
-            timer = asyncio.get_running_loop().call_later(timeout_s, expire)
-        try:
-            if len(requests) == 1:
-                async for out in self._engine.generate(requests[0]):
-                    yield 0, out
-            else:
-                async for item in self._merge(requests):
-                    yield item
-            finished.update(r.request_id for r in requests)
-            if expired:
-                raise GenerationTimeout(
-                    f"model {self._name}: generation took longer than {timeout_s:g} s and was "
-                    "stopped; lower max_tokens or retry")
-        except PromptTooLong as exc:
-            raise BadRequest(str(exc), param="messages" if call.messages else "prompt",
-                             code="context_length_exceeded") from None
-        except InvalidRequest as exc:
-            raise BadRequest(str(exc), param=exc.param) from None
-        except EngineError as exc:
-            raise ModelUnavailable(f"model {self._name} failed: {exc}",
-                                   retry_after_s=5) from None
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for r in requests:
-                if r.request_id not in finished:
-                    with contextlib.suppress(Exception):
-                        await self._engine.abort(r.request_id)
-
-    async def _merge(
-        self, requests: list[EngineRequest]
-    ) -> AsyncIterator[tuple[int, EngineOutput]]:
-        queue: asyncio.Queue[tuple[int, EngineOutput | BaseException | None]] = asyncio.Queue()
-
-        async def pump(i: int, request: EngineRequest) -> None:
-            try:
-                async for out in self._engine.generate(request):
-                    await queue.put((i, out))
-                await queue.put((i, None))
-            except Exception as exc:  # re-raised in the consumer below
-                await queue.put((i, exc))
-
-        tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(requests)]
-        try:
-            remaining = len(tasks)
-            while remaining:
-                i, item = await queue.get()
-                if item is None:
-                    remaining -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
-                    yield i, item
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _admit(self, call: GenerateCall) -> KvAdmission:
+    async def _admit(self, request: ForwardedRequest) -> ModelLimits:
         if self._draining:
             raise ModelDraining(f"model {self._name} is being stopped", retry_after_s=1)
         if not self._engine_ready.is_set():  # restarting with new settings
             await self._engine_ready.wait()
         if self._failed is not None:
             raise ModelUnavailable(f"model {self._name}: {self._failed}", retry_after_s=5)
-        assert self._admission is not None
-        if call.limits is not None and call.limits != self._limits:
+        if request.limits is not None and request.limits != self._limits:
             # The ingress was reconfigured (a live config update): take its limits.
-            self._limits = call.limits
-            self._admission.update(call.limits)
-            logger.info("model %s: limits updated, KV budget %d tokens", self._name,
-                        self._admission.budget_tokens)
-        return self._admission
+            self._limits = request.limits
+            if self._admission is not None:
+                self._admission.update(request.limits)
+                logger.info("model %s: limits updated, KV budget %d tokens", self._name,
+                            self._admission.budget_tokens)
+        limits = self._limits
+        cap = limits.max_output_tokens
+        if cap is not None and not limits.clamp_max_tokens:
+            for field in OUTPUT_LIMIT_FIELDS.get(request.path, ()):
+                asked = request.body.get(field)
+                if isinstance(asked, int) and not isinstance(asked, bool) and asked > cap:
+                    raise BadRequest(f"{field} is {asked}, above the limit of {cap} output "
+                                     f"tokens for model {self._name}; ask for at most {cap}",
+                                     param=field, code="max_tokens_exceeded")
+        return limits
+
+    @contextlib.asynccontextmanager
+    async def _exchange(self, request: ForwardedRequest
+                        ) -> AsyncIterator[tuple[RequestScope, Exchange]]:
+        """The request running through the engine's app, in a scope the gate reads; closed
+        (the engine request aborted if still running) however the caller leaves."""
+        limits = await self._admit(request)
+        scope = RequestScope(request.request_id, limits)
+        # ASCII escapes: a lone surrogate in a message is text to the engine, not a crash here.
+        body = json.dumps(request.body, separators=(",", ":")).encode()
+        with self._tracked():
+            exchange = Exchange(self._engine.app, http_scope("POST", request.path), body,
+                                context=scoped_context(scope))
+            def stop() -> None:  # the generation timed out: abort it in the engine
+                asyncio.ensure_future(exchange.close())
+
+            scope.on_timeout = stop
+            try:
+                yield scope, exchange
+            finally:
+                scope.close()
+                await exchange.close()
+
+    def _failure(self, scope: RequestScope, exchange: Exchange, body: bytes
+                 ) -> RoundhouseError | None:
+        """Why the request failed, in our error table: the gate's own error first (a refusal,
+        a timeout), then the engine app's error response."""
+        if scope.error is not None:
+            return scope.error
+        if exchange.error is not None and not isinstance(exchange.error, asyncio.CancelledError):
+            logger.warning("model %s: request %s failed in the engine app: %s", self._name,
+                           scope.request_id, type(exchange.error).__name__)
+            return ModelUnavailable(f"model {self._name} failed while serving the request",
+                                    retry_after_s=5)
+        if exchange.status is not None and exchange.status >= 400:
+            return engine_error(exchange.status, body, self._name)
+        return None
+
+    async def call(self, request: ForwardedRequest) -> Reply:
+        """The whole response of one request."""
+        async with self._exchange(request) as (scope, exchange):
+            body = await exchange.read_all()
+            failure = self._failure(scope, exchange, body)
+            if failure is not None:
+                raise failure
+            return Reply(exchange.status or 200, exchange.media_type, body, scope.usage())
+
+    async def stream(self, request: ForwardedRequest
+                     ) -> AsyncIterator[StreamHead | bytes | StreamEnd]:
+        """A streamed response: nothing is sent before the request is admitted and produced
+        its first bytes (so a refusal is a real status), then what the engine produced in
+        each `stream_batch_ms` goes as one item."""
+        async with self._exchange(request) as (scope, exchange):
+            while not (exchange.finished or (scope.admitted.is_set() and exchange.pending())):
+                await exchange.wait()
+            chunks = exchange.take()
+            if exchange.finished:
+                chunks.append(b"")
+            first = b"".join(chunks)
+            failure = self._failure(scope, exchange, first)
+            if failure is None and first.startswith(_ERROR_EVENT) and not scope.admitted.is_set():
+                failure = engine_error(400, first[6:].split(b"\n", 1)[0], self._name)
+            if failure is not None:
+                raise failure
+            yield StreamHead(exchange.status or 200, exchange.media_type,
+                             self._checked(chunks, scope))
+            interval_s = self._config.stream_batch_ms / 1000
+            while not exchange.finished or exchange.pending():
+                await exchange.wait()
+                if interval_s and not exchange.finished:
+                    await asyncio.sleep(interval_s)  # coalesce what comes meanwhile
+                chunks = exchange.take()
+                if exchange.finished and not exchange.pending():
+                    tail = self._checked(chunks, scope)
+                    if scope.error is not None:  # stopped under the engine (timeout)
+                        tail += stream_error_event(request.path, scope.error, scope.request_id)
+                    yield StreamEnd(tail, scope.usage())
+                    return
+                yield self._checked(chunks, scope)
+
+    def _checked(self, chunks: list[bytes], scope: RequestScope) -> bytes:
+        """The chunks as one item, with the engine's in-band error events in our error table
+        (string codes, the request id)."""
+        for i, chunk in enumerate(chunks):
+            if chunk.startswith(_ERROR_EVENT):
+                error = scope.error or engine_error(
+                    500, chunk[6:].split(b"\n", 1)[0], self._name)
+                chunks[i] = stream_error_event("", error, scope.request_id, done=False)
+        return b"".join(chunks)
 
     @contextlib.contextmanager
     def _tracked(self) -> Iterator[None]:
@@ -325,64 +328,6 @@ class ModelServer:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
-
-    async def stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
-        admission = await self._admit(call)
-        with self._tracked():
-            async with admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
-                                         call.worst_case_tokens(self._engine.max_model_len)):
-                async for item in self._stream(call):
-                    yield item
-
-    async def _stream(self, call: GenerateCall) -> AsyncIterator[str | StreamEnd]:
-        rid, created, model = response_id(call.endpoint), call.created, call.model
-        n = call.sampling.n
-        tally = _Tally(max(1, len(call.prompts)))
-        started: set[int] = set()
-        async for prompt_index, out in self._outputs(call):
-            tally.add(prompt_index, out)
-            if not out.text and out.finish_reason is None:
-                continue
-            index = prompt_index * n + out.index
-            reason = None if out.finish_reason == "abort" else out.finish_reason
-            if call.endpoint == "chat":
-                delta = {"content": out.text}
-                if index not in started:
-                    started.add(index)
-                    delta = {"role": "assistant", "content": out.text}
-                chunk = chat_chunk(rid, created, model, index, delta, reason,
-                                   call.include_usage)
-            else:
-                chunk = completion_chunk(rid, created, model, index, out.text, reason,
-                                         call.include_usage)
-            yield _sse(chunk)
-        usage = tally.usage()
-        if call.include_usage:
-            yield _sse(usage_chunk(rid, created, model, call.endpoint, usage))
-        yield StreamEnd(usage)
-
-    async def complete(self, call: GenerateCall) -> dict[str, Any]:
-        admission = await self._admit(call)
-        with self._tracked():
-            async with admission.reserve(f"{call.request_id}-{uuid.uuid4().hex[:8]}",
-                                         call.worst_case_tokens(self._engine.max_model_len)):
-                return await self._complete(call)
-
-    async def _complete(self, call: GenerateCall) -> dict[str, Any]:
-        n = call.sampling.n
-        texts: dict[int, list[str]] = {}
-        reasons: dict[int, str | None] = {}
-        tally = _Tally(max(1, len(call.prompts)))
-        async for prompt_index, out in self._outputs(call):
-            tally.add(prompt_index, out)
-            index = prompt_index * n + out.index
-            texts.setdefault(index, []).append(out.text)
-            if out.finish_reason is not None:
-                reasons[index] = out.finish_reason
-        count = n * max(1, len(call.prompts))
-        choices = [("".join(texts.get(i, [])), reasons.get(i)) for i in range(count)]
-        return full_response(response_id(call.endpoint), call.created, call.model,
-                             call.endpoint, choices, tally.usage())
 
     # --- lifecycle ------------------------------------------------------------------------
 

@@ -7,10 +7,12 @@ settings as `args`; they are validated here before any replica starts.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from ray.serve import Application
+from ray.serve.deployment import Deployment
 
+from deployments.engine import EngineFactory
 from deployments.model_server import ModelServer
 from serve_app.config import (  # noqa: F401  (re-exported: the config helpers' old home)
     MEMORY_RESOURCE,
@@ -69,7 +71,8 @@ def _cluster_memory_resource(config: AppConfig) -> bool:
 
     if not ray.is_initialized():
         return False
-    offered = float(ray.cluster_resources().get(MEMORY_RESOURCE, 0.0))
+    offered = float(ray.cluster_resources().get(  # type: ignore[no-untyped-call]
+        MEMORY_RESOURCE, 0.0))
     if offered <= 0:
         if any(m.num_gpus == 0 for m in config.models):
             logger.warning("the Ray cluster offers no %s resource; the residency controller "
@@ -86,15 +89,26 @@ def _cluster_memory_resource(config: AppConfig) -> bool:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    config = parse_app_config(args)
+    """The application for validated `args` (Serve's import path names this builder, which
+    takes exactly the args), every model on vLLM."""
+    return build(args)
+
+
+def build(args: dict[str, Any], engine_factory: EngineFactory | None = None) -> Application:
+    """The application for validated `args`; every model's replica runs an engine made by
+    `engine_factory` (vLLM's unless given: the tests pass their fake engine)."""
+    config = parse_app_config(args, engine=engine_factory)
     memory_resource = _cluster_memory_resource(config)
+    # Both are Serve Deployments at run time (Ray's decorator is typed as returning a callable).
+    model_server: Deployment = cast(Deployment, ModelServer)
+    ingress_deployment: Deployment = cast(Deployment, IngressDeployment)
     models = {
-        m.name: ModelServer.options(**model_deployment_options(m, memory_resource))
-        .bind(m.model_dump())
+        m.name: model_server.options(**model_deployment_options(m, memory_resource))
+        .bind(m.model_dump(), engine_factory)
         for m in config.models
     }
     replicas = config.ingress.num_replicas
-    ingress = IngressDeployment.options(
+    ingress = ingress_deployment.options(
         max_ongoing_requests=config.ingress.max_ongoing_requests,
         ray_actor_options={"num_cpus": 0},
         # Fixed size; Serve's application-level autoscaling policy needs every deployment to
@@ -109,7 +123,8 @@ AUTOSCALING_POLICY = {"policy_function": "serve_app.autoscaling:ResidencyPolicy"
 
 
 def serve_config(args: dict[str, Any], port: int, host: str = "127.0.0.1",
-                 app_name: str = "roundhouse") -> dict[str, Any]:
+                 app_name: str = "roundhouse",
+                 import_path: str = "serve_app.app:build_app") -> dict[str, Any]:
     """A Serve config document (what `serve deploy` takes) for one Roundhouse app at `/`, with
     the residency autoscaling policy it needs."""
     return {
@@ -118,7 +133,7 @@ def serve_config(args: dict[str, Any], port: int, host: str = "127.0.0.1",
         "applications": [{
             "name": app_name,
             "route_prefix": "/",
-            "import_path": "serve_app.app:build_app",
+            "import_path": import_path,
             "autoscaling_policy": dict(AUTOSCALING_POLICY),
             "args": args,
         }],

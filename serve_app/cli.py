@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -220,7 +221,7 @@ def _wait_ready(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    ray.init(address="auto", logging_level=logging.ERROR, log_to_driver=False)
     deadline = time.monotonic() + args.timeout
     last = ""
     while time.monotonic() < deadline:

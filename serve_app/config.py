@@ -23,17 +23,6 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FakeEngineConfig(_Strict):
-    """Timings of the deterministic test engine (tests only; see deployments/fake_engine.py)."""
-
-    load_s: Annotated[float, Field(ge=0)] = 0.0
-    ttft_s: Annotated[float, Field(ge=0)] = 0.0
-    tokens_per_s: Annotated[float, Field(gt=0)] = 500.0
-    max_model_len: Annotated[int, Field(ge=16)] = 2048
-    kv_capacity_tokens: Annotated[int, Field(ge=16)] = 65536
-    fail_load: str | None = None  # if set, start() raises with this message
-
-
 class ModelLimits(_Strict):
     """Per-model output caps and admission (see serve_app/policy/admission.py)."""
 
@@ -59,16 +48,44 @@ class ModelLimits(_Strict):
     request_timeout_s: Annotated[float, Field(gt=0)] | None = 600.0
 
 
+class OpenAIServingConfig(_Strict):
+    """Per-model settings of the engine's OpenAI serving layer: what vLLM's own server takes as
+    command-line flags (`vllm serve --tool-call-parser ...`), checked against the installed
+    vLLM at deploy time (`roundhouse check-config` too)."""
+
+    # `tool_choice: "auto"` needs both; named and `required` tool choices work without them
+    # (vLLM forces valid arguments with structured outputs).
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None  # e.g. llama3_json, hermes, mistral
+    # Splits a reasoning model's thinking into `reasoning_content` (e.g. deepseek_r1, qwen3).
+    reasoning_parser: str | None = None
+    # A Jinja template (a file path or the template itself) instead of the model's own.
+    chat_template: str | None = None
+    chat_template_content_format: Literal["auto", "string", "openai"] = "auto"
+    response_role: str = "assistant"
+    # The structured-outputs backend (json_schema, tools): auto, xgrammar, guidance, outlines.
+    structured_outputs_backend: str | None = None
+    # Any other flag of vLLM's OpenAI server (its FrontendArgs), by field name; server-level
+    # flags (host, port, api_key, ssl, middleware, ...) belong to Roundhouse and are refused.
+    frontend_kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_tools(self) -> OpenAIServingConfig:
+        if self.enable_auto_tool_choice and not self.tool_call_parser:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser")
+        return self
+
+
 class ModelConfig(_Strict):
     name: Annotated[str, Field(pattern=MODEL_NAME_PATTERN)]
     # A local path, a name under ROUNDHOUSE_MODELS_DIR (see `roundhouse prepare-models`), or a
     # model id that vLLM resolves itself.
     model: str = ""
-    engine: Literal["vllm", "fake"] = "vllm"
     # Passed to vLLM's AsyncEngineArgs unchanged (max_model_len, enforce_eager, dtype,
     # gpu_memory_utilization, quantization, ...); checked against its fields at build time.
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
-    fake: FakeEngineConfig | None = None
+    # The OpenAI serving layer's settings (tool and reasoning parsers, chat template, ...).
+    openai: OpenAIServingConfig = Field(default_factory=OpenAIServingConfig)
     # Environment of the model's replica process (VLLM_CPU_KVCACHE_SPACE, ...).
     env: dict[str, str] = Field(default_factory=dict)
     aliases: list[Annotated[str, Field(min_length=1, max_length=128)]] = Field(default_factory=list)
@@ -80,15 +97,10 @@ class ModelConfig(_Strict):
     max_ongoing_requests: Annotated[int, Field(ge=1)] = 256
     # Engine start (weights, KV allocation, warm-up) must finish within this.
     start_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    # A streamed response crosses Ray in batches: after the first bytes (sent at once), what
+    # the engine produced in this interval goes as one message. 0: every chunk on its own.
+    stream_batch_ms: Annotated[float, Field(ge=0, le=1000)] = 10.0
     limits: ModelLimits = Field(default_factory=ModelLimits)
-
-    @model_validator(mode="after")
-    def _check_engine(self) -> ModelConfig:
-        if self.engine == "vllm" and not self.model:
-            raise ValueError(f"model {self.name!r}: 'model' (a path or model id) is required")
-        if self.engine == "fake" and self.engine_kwargs:
-            raise ValueError(f"model {self.name!r}: engine_kwargs apply to vllm only")
-        return self
 
 
 class ResidencyConfig(_Strict):
@@ -342,13 +354,9 @@ class EngineSettings(_Strict):
     one in `args`, key by key; a null value removes the key (back to the engine's default)."""
 
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    openai: dict[str, Any] = Field(default_factory=dict)
     env: dict[str, str | None] = Field(default_factory=dict)
-    fake: dict[str, Any] = Field(default_factory=dict)
     start_timeout_s: Annotated[float, Field(gt=0)] | None = None
-
-
-# Read by the ingress as well (its context-length check): changing them takes a change of args.
-_ARGS_ONLY_ENGINE_KEYS = ("max_model_len",)
 
 
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -365,18 +373,10 @@ def apply_engine_settings(model: ModelConfig, user_config: dict[str, Any] | None
         settings = EngineSettings.model_validate(user_config)
     except ValidationError as exc:
         raise ValueError(_details(exc)) from None
-    for part in ("engine_kwargs", "fake"):
-        for key in _ARGS_ONLY_ENGINE_KEYS:
-            if key in getattr(settings, part):
-                raise ValueError(f"{part}.{key}: the ingress reads it too, so it is changed "
-                                 "under the application's args (which restarts the app)")
-    if settings.fake and model.engine != "fake":
-        raise ValueError("fake: settings of the fake engine, but this model runs vllm")
     data = model.model_dump()
     data["engine_kwargs"] = _merge(data["engine_kwargs"], settings.engine_kwargs)
+    data["openai"] = _merge(data["openai"], settings.openai)
     data["env"] = _merge(data["env"], settings.env)
-    if settings.fake:
-        data["fake"] = _merge(data["fake"] or {}, settings.fake)
     if settings.start_timeout_s is not None:
         data["start_timeout_s"] = settings.start_timeout_s
     try:
@@ -411,20 +411,27 @@ def _details(exc: ValidationError) -> str:
                      for err in exc.errors(include_url=False, include_input=False))
 
 
-def parse_app_config(args: dict[str, Any], check_engine: bool = True) -> AppConfig:
-    """Validated app args; `check_engine` also checks engine_kwargs against the installed
-    vLLM (slow to import; tools that only read the config skip it)."""
+def parse_app_config(args: dict[str, Any], check_engine: bool = True,
+                     engine: Any = None) -> AppConfig:
+    """Validated app args. `check_engine` also has the engine class (`engine`; default vLLM's)
+    check each model's engine settings against what is installed (slow to import; tools that
+    only read the config skip it)."""
     try:
         config = AppConfig.model_validate(args)
     except ValidationError as exc:
         raise ConfigError(f"invalid Roundhouse config: {_details(exc)}") from None
-    from deployments.vllm_engine import check_engine_kwargs
+    if check_engine:
+        from deployments.engine import config_problems
 
-    for model in config.models if check_engine else ():
-        unknown = check_engine_kwargs(model.engine_kwargs) if model.engine == "vllm" else []
-        if unknown:
-            raise ConfigError(f"invalid Roundhouse config: model {model.name!r}: unknown vLLM "
-                              f"engine_kwargs: {', '.join(unknown)}")
+        if engine is None:
+            from deployments.vllm_engine import VllmEngine
+
+            engine = VllmEngine
+        for model in config.models:
+            problems = config_problems(engine, model)
+            if problems:
+                raise ConfigError(f"invalid Roundhouse config: model {model.name!r}: "
+                                  + "; ".join(problems))
     problems = memory_plan_problems(config)
     if problems:
         raise ConfigError("memory plan does not hold: " + "; ".join(problems))
@@ -454,14 +461,13 @@ def memory_plan_problems(config: AppConfig) -> list[str]:
                 f"{m.name}: num_gpus {m.num_gpus} x {budget:.1f} GiB = {share_gib:.1f} GiB, but "
                 f"memory_gib is {m.memory_gib:.1f} GiB; set num_gpus to "
                 f"{m.memory_gib / budget:.3f}")
-        if m.engine == "vllm":
-            util = m.engine_kwargs.get("gpu_memory_utilization")
-            if util is None:
-                problems.append(f"{m.name}: set engine_kwargs.gpu_memory_utilization to "
-                                f"{m.num_gpus} (vLLM would take 90% of the device)")
-            elif abs(float(util) - m.num_gpus) > _SHARE_TOLERANCE:
-                problems.append(f"{m.name}: gpu_memory_utilization {util} differs from "
-                                f"num_gpus {m.num_gpus}")
+        util = m.engine_kwargs.get("gpu_memory_utilization")
+        if util is None:
+            problems.append(f"{m.name}: set engine_kwargs.gpu_memory_utilization to "
+                            f"{m.num_gpus} (vLLM would take 90% of the device)")
+        elif abs(float(util) - m.num_gpus) > _SHARE_TOLERANCE:
+            problems.append(f"{m.name}: gpu_memory_utilization {util} differs from "
+                            f"num_gpus {m.num_gpus}")
     return problems
 
 

@@ -6,6 +6,7 @@ so they survive the Ray hop) and turned into a response only by `error_payload`.
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -48,7 +49,7 @@ def _rebuild(
 
 
 class BadRequest(RoundhouseError):
-    status, type, code = 400, "invalid_request_error", None
+    status, type, code = 400, "invalid_request_error", "bad_request"
 
 
 class Unauthorized(RoundhouseError):
@@ -65,6 +66,12 @@ class NotFound(RoundhouseError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class EndpointNotSupported(NotFound):
+    """The model's engine does not serve this endpoint (embeddings on a chat model, ...)."""
+
+    code = "endpoint_not_supported"
 
 
 class MethodNotAllowed(RoundhouseError):
@@ -138,3 +145,64 @@ def error_payload(exc: BaseException, request_id: str) -> tuple[int, dict[str, A
     body = {"error": {"message": message, "type": etype, "param": param, "code": code,
                       "request_id": request_id}}
     return status, body, headers
+
+
+# The engine's OpenAI app (vLLM's server) answers errors with its own bodies: integer `code`,
+# `type` "BadRequestError", FastAPI's {"detail": ...} for unknown routes. They are mapped into
+# the table above here, so clients get one error shape.
+_ENGINE_STATUS: dict[int, type[RoundhouseError]] = {
+    400: BadRequest, 404: EndpointNotSupported, 405: MethodNotAllowed, 413: PayloadTooLarge,
+    422: BadRequest, 429: RateLimited, 501: BadRequest, 503: ModelUnavailable,
+    504: GenerationTimeout,
+}
+CONTEXT_LENGTH_MARKER = "maximum context length"
+
+
+def engine_error(status: int, body: bytes, model: str) -> RoundhouseError:
+    """An engine app's error response as one of ours. 5xx messages are not passed on (they
+    may say more about the server than a client should see); the log keeps their type."""
+    message, param, kind = "", None, ""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        parsed = None
+    if isinstance(parsed, dict):
+        error = parsed.get("error", parsed)
+        if isinstance(error, dict):
+            message = str(error.get("message") or error.get("detail") or "")
+            param = error.get("param") if isinstance(error.get("param"), str) else None
+            kind = str(error.get("type") or "")
+    cls = _ENGINE_STATUS.get(status)
+    if cls is None or status >= 500 and cls is not ModelUnavailable:
+        logger.warning("model %s: the engine answered %d (%s)", model, status, kind or "no type")
+        return RoundhouseError(f"model {model} failed to serve the request")
+    if cls is EndpointNotSupported:
+        return EndpointNotSupported(f"model {model} does not serve this endpoint "
+                                    f"({message or 'not found'})")
+    if cls is ModelUnavailable:
+        return ModelUnavailable(f"model {model} cannot serve right now; retry shortly",
+                                retry_after_s=5)
+    code = None
+    if cls is BadRequest:
+        if CONTEXT_LENGTH_MARKER in message:
+            code = "context_length_exceeded"
+        elif status == 501:
+            code = "not_supported"
+    return cls(message or f"model {model} refused the request", param=param, code=code)
+
+
+def stream_error_event(path: str, exc: BaseException, request_id: str,
+                       done: bool = True) -> bytes:
+    """An error reported inside a stream whose headers are already sent, as vLLM and OpenAI
+    report it: a `data: {"error": ...}` event then `[DONE]`; on the Responses API, an `error`
+    event."""
+    _, body, _ = error_payload(exc, request_id)
+    if path == "/v1/responses":
+        error = body["error"]
+        event = {"type": "error", "code": error["code"], "message": error["message"],
+                 "param": error["param"], "sequence_number": 0}
+        return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
+    text = f"data: {json.dumps(body)}\n\n"
+    if done:
+        text += "data: [DONE]\n\n"
+    return text.encode()

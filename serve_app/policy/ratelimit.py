@@ -2,8 +2,10 @@
 
 Pure (no Ray, no HTTP, no clock of its own: every call takes `now` in seconds). A bucket holds
 up to a minute's allowance and refills continuously, so a key may burst its whole minute at once
-and then gets a steady rate; a refused request takes nothing. Tokens are charged up front as
-prompt tokens + max_tokens (what the request may use, as OpenAI counts them).
+and then gets a steady rate; a refused request takes nothing. Requests are taken up front.
+Tokens are charged after the request with the usage it really had (the engine counts it): a
+request is admitted while the key's token bucket is not empty, and a large one may leave it in
+debt, which the refill pays back before the next request is admitted.
 
 The numbers for OpenAI's headers come with every check: `x-ratelimit-limit-*` (per minute),
 `x-ratelimit-remaining-*` (what is left now) and `x-ratelimit-reset-*` (until the bucket is full
@@ -42,6 +44,11 @@ class Bucket:
             return False
         self.level -= amount
         return True
+
+    def charge(self, amount: float, now: float) -> None:
+        """Takes `amount` even beyond what is there (the bucket goes into debt)."""
+        self.refill(now)
+        self.level -= amount
 
     def wait_s(self, amount: float, now: float) -> float:
         """Seconds until `amount` is available (inf when it exceeds the whole allowance)."""
@@ -108,18 +115,34 @@ class RateLimiter:
         bucket = self._bucket(key, kind, per_minute, now)
         allowed = bucket.take(amount, now)
         retry = 0.0 if allowed else bucket.wait_s(amount, now)
-        headers = {
+        return Verdict(allowed, kind, retry, self._headers(bucket, kind, now))
+
+    @staticmethod
+    def _headers(bucket: Bucket, kind: str, now: float) -> dict[str, str]:
+        return {
             f"x-ratelimit-limit-{kind}": str(int(bucket.per_minute)),
-            f"x-ratelimit-remaining-{kind}": str(int(bucket.level)),
+            f"x-ratelimit-remaining-{kind}": str(max(0, int(bucket.level))),
             f"x-ratelimit-reset-{kind}": duration(bucket.reset_s(now)),
         }
-        return Verdict(allowed, kind, retry, headers)
 
     def request(self, key: str, limits: Limits, now: float) -> Verdict:
         return self.check(key, "requests", limits.requests_per_minute, 1, now)
 
-    def tokens(self, key: str, limits: Limits, tokens: int, now: float) -> Verdict:
-        return self.check(key, "tokens", limits.tokens_per_minute, tokens, now)
+    def tokens_left(self, key: str, limits: Limits, now: float) -> Verdict:
+        """Whether the key has tokens left this minute (nothing is taken: the request is
+        charged its real usage afterwards, with `charge_tokens`)."""
+        per_minute = limits.tokens_per_minute
+        if per_minute is None:
+            return Verdict(True, "tokens", 0.0, {})
+        bucket = self._bucket(key, "tokens", per_minute, now)
+        bucket.refill(now)
+        allowed = bucket.level >= 1  # at least one token left
+        retry = 0.0 if allowed else (1 - bucket.level) / bucket.per_s
+        return Verdict(allowed, "tokens", retry, self._headers(bucket, "tokens", now))
+
+    def charge_tokens(self, key: str, limits: Limits, tokens: int, now: float) -> None:
+        if limits.tokens_per_minute is not None:
+            self._bucket(key, "tokens", limits.tokens_per_minute, now).charge(tokens, now)
 
     def forget(self, keep: set[str]) -> None:
         """Drop the buckets of keys no longer configured."""

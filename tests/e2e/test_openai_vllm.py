@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from serve_app.app import load_app_config
-from serve_app.tokens import counter_for
-from tests.conftest import REPO, controller_status, model_handle, replicas, wait_until
+from tests.conftest import controller_status, model_handle, replicas, wait_until
 
 pytestmark = pytest.mark.e2e
-
-
-# chat's admission gets a small share of its real KV cache here, so a burst of long outputs
-# must queue (see test_burst_of_long_outputs_does_not_starve_short_requests).
-CHAT_LIMITS = {"kv_budget_fraction": 0.15, "max_queued_requests": 16, "queue_timeout_s": 240}
-
-
-def app_args() -> dict[str, Any]:
-    args = load_app_config(REPO / "configs" / "local.yaml").model_dump()
-    chat = next(m for m in args["models"] if m["name"] == "chat")
-    chat["limits"].update(CHAT_LIMITS)
-    return args
-
-
-@pytest.fixture(scope="module")
-def base_url(deploy: Any) -> str:
-    return deploy(app_args())
-
-
-@pytest.fixture(scope="module")
-def client(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                         timeout=120)
 
 
 def test_chat_answers_sensibly(client: openai.OpenAI) -> None:
@@ -48,13 +22,11 @@ def test_chat_answers_sensibly(client: openai.OpenAI) -> None:
     assert "Paris" in answer
     assert resp.usage.prompt_tokens > 10  # the chat template was applied
     assert resp.usage.completion_tokens <= 24
-    # The ingress counts prompts (for limits and KV reservations) as vLLM does.
-    counter = counter_for(load_app_config(REPO / "configs" / "local.yaml").model("chat"))
-    assert counter.chat([{"role": "user", "content": "What is the capital of France?"}]) == \
-        resp.usage.prompt_tokens
-    completion = client.completions.create(model="chat", prompt="The capital of France is",
-                                           max_tokens=1)
-    assert counter.text("The capital of France is") == completion.usage.prompt_tokens
+    # The prompt is counted once, by vLLM's renderer, as its tokenize endpoint counts it.
+    tokens = httpx.post(f"{client.base_url}".removesuffix("/v1/") + "/tokenize", json={
+        "model": "chat",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}]}).json()
+    assert tokens["count"] == resp.usage.prompt_tokens
 
 
 def test_chat_streams_token_by_token(client: openai.OpenAI) -> None:
@@ -150,10 +122,11 @@ def test_errors_are_openai_errors(client: openai.OpenAI, base_url: str) -> None:
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x"}],
                                        top_p=3)
-    with pytest.raises(openai.BadRequestError) as too_long:  # prompt + max_tokens > 2048
-        client.chat.completions.create(model="chat", max_tokens=1000,
-                                       messages=[{"role": "user", "content": "hi " * 1500}])
-    assert "2048" in str(too_long.value) and too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as too_long:  # a prompt over the 2048 context
+        client.chat.completions.create(model="chat", max_tokens=10,
+                                       messages=[{"role": "user", "content": "hi " * 2100}])
+    assert "maximum context length is 2048" in str(too_long.value)
+    assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as capped:  # over the config's output cap
         client.chat.completions.create(model="chat", max_tokens=4000,
                                        messages=[{"role": "user", "content": "hi"}])
@@ -247,36 +220,6 @@ def test_server_still_serves_after_bad_input(client: openai.OpenAI, base_url: st
     for content in (b"\x00\x01", b'{"messages": [{"role": "user"}]}', b'{"prompt": 7}'):
         httpx.post(f"{base_url}/v1/chat/completions", content=content)
         httpx.post(f"{base_url}/v1/completions", content=content)
-    resp = client.chat.completions.create(model="chat", max_tokens=4,
-                                          messages=[{"role": "user", "content": "Hello!"}])
-    assert resp.choices[0].message.content
-
-
-def test_new_engine_settings_restart_only_that_models_vllm_engine(
-        deploy: Any, client: openai.OpenAI) -> None:
-    """Last here: it leaves chat with a small KV cache."""
-    def stats(model: str) -> dict[str, Any]:
-        return dict(model_handle(model).stats.remote().result(timeout_s=300))
-
-    others = [m for m in ("code", "reasoning") if replicas(m)]
-    if not others:  # run alone: bring one up
-        client.completions.create(model="code", prompt="def f():", max_tokens=2)
-        others = ["code"]
-    before = {m: stats(m) for m in ["chat", *others]}
-    # kv_cache_memory_bytes counts only without VLLM_CPU_KVCACHE_SPACE (1 GiB in the config):
-    # a new engine argument and an environment variable removed, in one update.
-    deploy(app_args(), fresh=False, deployments=[{"name": "model-chat", "user_config": {
-        "engine_kwargs": {"kv_cache_memory_bytes": 256 * 1024 * 1024},
-        "env": {"VLLM_CPU_KVCACHE_SPACE": None}}}])
-    chat = wait_until(lambda: (s := stats("chat"))["engine_restarts"] == 1 and s, 300,
-                      "chat's vLLM engine to restart with the new settings")
-    assert chat["replica"] == before["chat"]["replica"]
-    assert chat["instance"] != before["chat"]["instance"]
-    # 256 MiB of KV cache instead of the config's 1 GiB.
-    assert chat["kv_capacity_tokens"] < before["chat"]["kv_capacity_tokens"] / 3
-    for m in others:
-        now = stats(m)
-        assert (now["instance"], now["engine_restarts"]) == (before[m]["instance"], 0), m
     resp = client.chat.completions.create(model="chat", max_tokens=4,
                                           messages=[{"role": "user", "content": "Hello!"}])
     assert resp.choices[0].message.content

@@ -1,5 +1,6 @@
-"""Admission on real Ray Serve with the fake engine: output caps, context checks in the ingress,
-KV reservations with a bounded queue, queue and generation timeouts, release on disconnect."""
+"""Admission on real Ray Serve with the fake engine: output caps, context checks, KV reservations
+with a bounded queue, queue and generation timeouts, release on disconnect: all in the model
+replica, where the engine counts each prompt once."""
 
 from __future__ import annotations
 
@@ -21,16 +22,16 @@ pytestmark = pytest.mark.serve
 ARGS: dict[str, Any] = {
     "default_model": "kv",
     "models": [
-        {"name": "kv", "engine": "fake", "pinned": True,
-         "fake": {"tokens_per_s": 20, "max_model_len": 64, "kv_capacity_tokens": 100},
+        {"name": "kv", "model": "fake", "pinned": True,
+         "engine_kwargs": {"tokens_per_s": 20, "max_model_len": 64, "kv_capacity_tokens": 100},
          "limits": {"max_output_tokens": 48, "max_queued_requests": 2, "queue_timeout_s": 60,
                     "request_timeout_s": 30, "large_request_tokens": 45,
                     "large_request_share": 0.5}},
-        {"name": "capped", "engine": "fake", "pinned": True,
-         "fake": {"tokens_per_s": 2000, "max_model_len": 64},
+        {"name": "capped", "model": "fake", "pinned": True,
+         "engine_kwargs": {"tokens_per_s": 2000, "max_model_len": 64},
          "limits": {"max_output_tokens": 5, "clamp_max_tokens": True}},
-        {"name": "hasty", "engine": "fake", "pinned": True,
-         "fake": {"tokens_per_s": 10, "max_model_len": 256, "kv_capacity_tokens": 60},
+        {"name": "hasty", "model": "fake", "pinned": True,
+         "engine_kwargs": {"tokens_per_s": 10, "max_model_len": 256, "kv_capacity_tokens": 60},
          "limits": {"queue_timeout_s": 1, "request_timeout_s": 2}},
     ],
 }
@@ -70,14 +71,19 @@ def test_output_cap_refuses_or_clamps(base_url: str) -> None:
     assert default.json()["usage"]["completion_tokens"] == 5  # the cap is the default
 
 
-def test_context_is_checked_in_the_ingress_with_both_numbers(base_url: str) -> None:
-    resp = post(base_url, body("kv", 40, messages=[{"role": "user",
-                                                    "content": "word " * 30}]))
-    assert resp.status_code == 400
-    error = resp.json()["error"]
-    assert error["code"] == "context_length_exceeded"
-    assert "context is 64 tokens" in error["message"]
-    assert "30 prompt tokens + 40 max_tokens = 70" in error["message"]
+def test_context_overflow_is_400_in_openai_words(base_url: str) -> None:
+    for stream in (False, True):
+        resp = post(base_url, body("kv", 40, stream=stream,
+                                   messages=[{"role": "user", "content": "word " * 70}]))
+        assert resp.status_code == 400
+        error = resp.json()["error"]
+        assert error["code"] == "context_length_exceeded"
+        assert "This model's maximum context length is 64 tokens" in error["message"]
+        assert "70 input tokens" in error["message"]
+    # A prompt that fits with max_tokens beyond the context: cut at the context's end, and
+    # the KV reservation is what really runs (30 + 34), not what was asked.
+    cut = post(base_url, body("kv", 40, messages=[{"role": "user", "content": "word " * 30}]))
+    assert cut.status_code == 200 and cut.json()["usage"]["completion_tokens"] == 34
     # Without max_tokens the cap shrinks to what the context leaves: no error.
     fits = post(base_url, body("capped", None, messages=[{"role": "user",
                                                           "content": "word " * 62}]))

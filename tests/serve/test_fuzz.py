@@ -21,9 +21,9 @@ ARGS: dict[str, Any] = {
     "default_model": "chat",
     "routing": {"rules": [{"name": "code", "when": {"code": True}, "model": "code"}]},
     "models": [
-        {"name": "chat", "engine": "fake", "pinned": True, "fake": {"tokens_per_s": 5000},
+        {"name": "chat", "model": "fake", "pinned": True, "engine_kwargs": {"tokens_per_s": 5000},
          "limits": {"max_output_tokens": 32, "queue_timeout_s": 5}},
-        {"name": "code", "engine": "fake", "pinned": True, "fake": {"tokens_per_s": 5000},
+        {"name": "code", "model": "fake", "pinned": True, "engine_kwargs": {"tokens_per_s": 5000},
          "limits": {"max_output_tokens": 32, "clamp_max_tokens": True}},
     ],
     "auth": {"keys": [{"name": "fuzz", "sha256": hash_key(KEY), "admin": True,

@@ -19,9 +19,9 @@ ARGS: dict[str, Any] = {
     "default_model": "chat",
     "routing": {"rules": [{"name": "code", "when": {"code": True}, "model": "code"}]},
     "models": [
-        {"name": "chat", "engine": "fake", "pinned": True,
-         "fake": {"tokens_per_s": 2000, "kv_capacity_tokens": 1000}},
-        {"name": "code", "engine": "fake", "pinned": True},
+        {"name": "chat", "model": "fake", "pinned": True,
+         "engine_kwargs": {"tokens_per_s": 2000, "kv_capacity_tokens": 1000}},
+        {"name": "code", "model": "fake", "pinned": True},
     ],
 }
 KEY = "rh-live-key"
@@ -82,7 +82,7 @@ def test_engine_settings_restart_only_that_models_engine(deploy: Any) -> None:
     assert chat["kv_capacity_tokens"] == 1000
 
     deploy(ARGS, fresh=False, deployments=[
-        {"name": "model-chat", "user_config": {"fake": {"kv_capacity_tokens": 3000}}}])
+        {"name": "model-chat", "user_config": {"engine_kwargs": {"kv_capacity_tokens": 3000}}}])
     new_chat = wait_until(lambda: (s := stats("chat"))["engine_restarts"] == 1 and s, 120,
                           "chat's engine to restart with the new settings")
     assert new_chat["kv_capacity_tokens"] == new_chat["kv_budget_tokens"] == 3000

@@ -24,9 +24,9 @@ SECRET_PROMPT = "my-secret-prompt-7f3a"
 ARGS: dict[str, Any] = {
     "default_model": "chat",
     "models": [
-        {"name": "chat", "engine": "fake", "pinned": True,
-         "fake": {"tokens_per_s": 2000, "kv_capacity_tokens": 1000}},
-        {"name": "code", "engine": "fake", "memory_gib": 1.0},
+        {"name": "chat", "model": "fake", "pinned": True,
+         "engine_kwargs": {"tokens_per_s": 2000, "kv_capacity_tokens": 1000}},
+        {"name": "code", "model": "fake", "memory_gib": 1.0},
     ],
     "auth": {"keys": [{"name": "ops", "sha256": hash_key(ADMIN), "admin": True,
                        "requests_per_minute": 1000}]},

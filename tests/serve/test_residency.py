@@ -19,7 +19,7 @@ FAST = {"load_s": 0.5, "tokens_per_s": 400}
 
 def fake(name: str, memory_gib: float = 2.0, **extra: Any) -> dict[str, Any]:
     fake_cfg = {**FAST, **extra.pop("fake", {})}
-    return {"name": name, "engine": "fake", "memory_gib": memory_gib, "fake": fake_cfg, **extra}
+    return {"name": name, "model": "fake", "memory_gib": memory_gib, "engine_kwargs": fake_cfg, **extra}
 
 
 def args(*models: dict[str, Any], **residency: Any) -> dict[str, Any]:

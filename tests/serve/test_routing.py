@@ -26,12 +26,12 @@ ARGS: dict[str, Any] = {
     "default_model": "chat",
     "routing": {"rules": RULES, "fallbacks": {"reasoning": "chat"}},
     "models": [
-        {"name": "chat", "engine": "fake", "pinned": True},
-        {"name": "code", "engine": "fake", "aliases": ["coder"]},
+        {"name": "chat", "model": "fake", "pinned": True},
+        {"name": "code", "model": "fake", "aliases": ["coder"]},
         # Fails to load: its requests fall back to chat.
-        {"name": "reasoning", "engine": "fake", "fake": {"fail_load": "weights are corrupt"}},
+        {"name": "reasoning", "model": "fake", "engine_kwargs": {"fail_load": "weights are corrupt"}},
         # Fails to load and has no fallback.
-        {"name": "broken", "engine": "fake", "fake": {"fail_load": "no such checkpoint"}},
+        {"name": "broken", "model": "fake", "engine_kwargs": {"fail_load": "no such checkpoint"}},
     ],
 }
 

@@ -80,7 +80,7 @@ def test_aliases_in_a_keys_model_list_resolve_to_the_model() -> None:
 
 
 def test_config_rejects_unknown_models_and_repeated_names() -> None:
-    models = [{"name": "chat", "engine": "fake"}]
+    models = [{"name": "chat", "model": "fake"}]
     with pytest.raises(ValueError, match="unknown models nope"):
         AppConfig.model_validate({"models": models, "auth": {"keys": [
             entry("a", "k", models=["nope"])]}})

@@ -23,7 +23,7 @@ def test_local_config_has_the_three_roles_on_cpu() -> None:
     assert [m.name for m in config.models] == ["chat", "code", "reasoning"]
     assert config.default == "chat"
     for m in config.models:
-        assert m.engine == "vllm" and m.num_gpus == 0
+        assert m.num_gpus == 0
         assert m.engine_kwargs["enforce_eager"] is True
         assert m.name in deployment_name(m.name)
 
@@ -64,6 +64,37 @@ def test_unknown_engine_kwargs_are_refused() -> None:
         parse_app_config(bad)
 
 
+@pytest.mark.parametrize(("openai", "culprit"), [
+    ({"tool_call_parser": "no_such_parser"}, "tool_call_parser 'no_such_parser' is not one"),
+    ({"reasoning_parser": "no_such_parser"}, "reasoning_parser 'no_such_parser' is not one"),
+    ({"structured_outputs_backend": "magic"}, "structured_outputs_backend 'magic'"),
+    ({"chat_template": "/no/such/template.jinja"}, "chat_template"),
+    ({"frontend_kwargs": {"port": 9000}}, "frontend_kwargs.port: not a serving setting"),
+    ({"frontend_kwargs": {"tool_call_parser": "hermes"}}, "set openai.tool_call_parser"),
+    ({"enable_auto_tool_choice": True}, "needs tool_call_parser"),
+])
+def test_openai_serving_settings_are_checked_against_vllm(openai: dict[str, Any],
+                                                          culprit: str) -> None:
+    pytest.importorskip("vllm")
+    bad = args(models=[{"name": "chat", "model": "a", "openai": openai}])
+    with pytest.raises(ConfigError, match=culprit):
+        parse_app_config(bad)
+
+
+def test_shipped_configs_name_the_right_parsers() -> None:
+    local = load_app_config(REPO / "configs" / "local.yaml")
+    assert all(m.openai.tool_call_parser == "hermes" and m.openai.enable_auto_tool_choice
+               for m in local.models)
+    for path in (REPO / "serve_config.yaml", REPO / "configs" / "h100-pinned-chat.yaml"):
+        models = {m.name: m.openai for m in load_app_config(path).models}
+        assert models["chat"].tool_call_parser == "llama3_json"
+        assert models["code"].tool_call_parser == "hermes"
+    reasoning = load_app_config(REPO / "serve_config.yaml").model("reasoning")
+    assert "R1" in reasoning.model and reasoning.openai.reasoning_parser == "deepseek_r1"
+    pinned = load_app_config(REPO / "configs" / "h100-pinned-chat.yaml").model("reasoning")
+    assert "Llama-3.1" in pinned.model and pinned.openai.tool_call_parser == "llama3_json"
+
+
 def test_aliases_resolve_to_their_model() -> None:
     config = AppConfig.model_validate(
         args(models=[{"name": "chat", "model": "a", "aliases": ["gpt-4o-mini"]}]))
@@ -84,9 +115,9 @@ def test_live_overrides_replace_routing_and_keys_and_merge_limits(tmp_path: Path
     from serve_app.config import LiveConfig, apply_live
 
     base = AppConfig.model_validate({
-        "models": [{"name": "chat", "engine": "fake",
+        "models": [{"name": "chat", "model": "fake",
                     "limits": {"max_output_tokens": 100, "queue_timeout_s": 5}},
-                   {"name": "code", "engine": "fake"}],
+                   {"name": "code", "model": "fake"}],
         "routing": {"rules": [{"name": "code", "when": {"code": True}, "model": "code"}]}})
     live = LiveConfig.model_validate({"routing": {"rules": []}, "default_model": "code",
                                       "limits": {"chat": {"max_output_tokens": 50}}})
@@ -131,17 +162,14 @@ def test_engine_settings_override_the_args_key_by_key() -> None:
     assert changed.model_dump(exclude={"engine_kwargs", "env", "start_timeout_s"}) == \
         model.model_dump(exclude={"engine_kwargs", "env", "start_timeout_s"})
 
-    fake = ModelConfig.model_validate({"name": "f", "engine": "fake",
-                                       "fake": {"kv_capacity_tokens": 1000, "ttft_s": 0.5}})
-    more = apply_engine_settings(fake, {"fake": {"kv_capacity_tokens": 3000}})
-    assert more.fake is not None and fake.fake is not None
-    assert (more.fake.kv_capacity_tokens, more.fake.ttft_s) == (3000, 0.5)
+    parsers = apply_engine_settings(model, {"openai": {"tool_call_parser": "hermes",
+                                                       "enable_auto_tool_choice": True}})
+    assert parsers.openai.tool_call_parser == "hermes" and parsers.openai.enable_auto_tool_choice
 
 
 @pytest.mark.parametrize(("user_config", "culprit"), [
-    ({"engine_kwargs": {"max_model_len": 4096}}, "engine_kwargs.max_model_len"),
-    ({"fake": {"max_model_len": 4096}}, "fake.max_model_len"),
-    ({"fake": {"ttft_s": 1}}, "this model runs vllm"),
+    ({"fake": {"max_model_len": 4096}}, "fake"),
+    ({"openai": {"enable_auto_tool_choice": True}}, "needs tool_call_parser"),
     ({"limits": {"max_output_tokens": 5}}, "limits"),
     ({"start_timeout_s": 0}, "start_timeout_s"),
     ({"env": {"A": 1}}, "env.A"),
@@ -167,8 +195,9 @@ def test_a_serve_config_file_with_engine_settings(tmp_path: Path) -> None:
     assert config.model("code").env["VLLM_CPU_KVCACHE_SPACE"] == "2"
     assert config.model("chat") == load_app_config(REPO / "configs" / "local.yaml").model("chat")
 
-    for bad, culprit in [({"engine_kwargs": {"no_such_arg": 1}}, "unknown vLLM engine_kwargs"),
-                         ({"engine_kwargs": {"max_model_len": 99}}, "user_config of model-code")]:
+    for bad, culprit in [({"engine_kwargs": {"no_such_arg": 1}}, "unknown or reserved vLLM"),
+                         ({"openai": {"tool_call_parser": "nope"}}, "not one of vLLM's"),
+                         ({"start_timeout_s": -1}, "user_config of model-code")]:
         app["deployments"] = [{"name": "model-code", "user_config": bad}]
         path.write_text(yaml.safe_dump(document))
         with pytest.raises(ConfigError, match=culprit):

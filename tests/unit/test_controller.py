@@ -55,9 +55,9 @@ class FakeActuator:
 
 def config(**residency: Any) -> dict[str, Any]:
     return {"models": [
-        {"name": "chat", "engine": "fake", "memory_gib": 2, "pinned": True},
-        {"name": "code", "engine": "fake", "memory_gib": 2},
-        {"name": "reasoning", "engine": "fake", "memory_gib": 2}],
+        {"name": "chat", "model": "fake", "memory_gib": 2, "pinned": True},
+        {"name": "code", "model": "fake", "memory_gib": 2},
+        {"name": "reasoning", "model": "fake", "memory_gib": 2}],
         "residency": {"gpu_memory_gib": 4, **residency}}
 
 
@@ -245,10 +245,10 @@ def test_random_demand_never_exceeds_the_budget_or_touches_pinned(ops: list[Any]
         clock, actuator = Clock(), FakeActuator()
         core = ResidencyController(actuator, clock, sleep=lambda _: asyncio.sleep(0))
         core.configure({"models": [
-            {"name": "chat", "engine": "fake", "memory_gib": 2, "pinned": True},
-            {"name": "code", "engine": "fake", "memory_gib": 2},
-            {"name": "reasoning", "engine": "fake", "memory_gib": 3},
-            {"name": "extra", "engine": "fake", "memory_gib": 1}],
+            {"name": "chat", "model": "fake", "memory_gib": 2, "pinned": True},
+            {"name": "code", "model": "fake", "memory_gib": 2},
+            {"name": "reasoning", "model": "fake", "memory_gib": 3},
+            {"name": "extra", "model": "fake", "memory_gib": 1}],
             "residency": {"gpu_memory_gib": 5, "load_timeout_s": 30}})
         r = Rig(core, clock, actuator, {"chat": 0, "code": 0, "reasoning": 0, "extra": 0}, set())
         memory = {"chat": 2, "code": 2, "reasoning": 3, "extra": 1}

@@ -83,9 +83,9 @@ def test_num_gpus_must_agree_with_memory_and_vllm_share() -> None:
 
 def test_every_model_deployment_starts_cold_unless_pinned_or_preloaded() -> None:
     config = AppConfig.model_validate({"models": [
-        {"name": "chat", "engine": "fake", "pinned": True},
-        {"name": "warm", "engine": "fake", "preload": True},
-        {"name": "code", "engine": "fake"}]})
+        {"name": "chat", "model": "fake", "pinned": True},
+        {"name": "warm", "model": "fake", "preload": True},
+        {"name": "code", "model": "fake"}]})
     options = {m.name: model_deployment_options(m) for m in config.models}
     assert {n: o["autoscaling_config"]["initial_replicas"] for n, o in options.items()} == {
         "chat": 1, "warm": 1, "code": 0}
@@ -98,7 +98,7 @@ def test_every_model_deployment_starts_cold_unless_pinned_or_preloaded() -> None
 
 def test_cpu_models_ask_ray_for_their_memory_when_the_cluster_offers_it() -> None:
     config = AppConfig.model_validate({"models": [
-        {"name": "chat", "engine": "fake", "memory_gib": 3.0}]})
+        {"name": "chat", "model": "fake", "memory_gib": 3.0}]})
     with_resource = model_deployment_options(config.models[0], memory_resource=True)
     assert with_resource["ray_actor_options"]["resources"] == {"roundhouse_memory_mib": 3072}
     assert "resources" not in model_deployment_options(config.models[0])["ray_actor_options"]

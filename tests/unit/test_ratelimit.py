@@ -26,15 +26,22 @@ def test_requests_per_minute_burst_then_refill() -> None:
     assert limiter.request("other", limits, 20.0).allowed  # keys do not share buckets
 
 
-def test_tokens_per_minute_and_requests_larger_than_a_minute() -> None:
+def test_tokens_per_minute_are_charged_with_the_usage_afterwards() -> None:
     limiter = RateLimiter()
     limits = Limits(tokens_per_minute=1000)
-    ok = limiter.tokens("k", limits, 600, 0.0)
-    assert ok.allowed and ok.headers["x-ratelimit-remaining-tokens"] == "400"
-    later = limiter.tokens("k", limits, 600, 0.0)
-    assert not later.allowed and math.isclose(later.retry_after_s, 12.0)
-    never = limiter.tokens("k", limits, 1001, 0.0)
-    assert not never.allowed and never.retry_after_s == math.inf
+    first = limiter.tokens_left("k", limits, 0.0)
+    assert first.allowed and first.headers["x-ratelimit-remaining-tokens"] == "1000"
+    limiter.charge_tokens("k", limits, 600, 0.0)
+    assert limiter.tokens_left("k", limits, 0.0).headers[
+        "x-ratelimit-remaining-tokens"] == "400"
+    # A large request may leave the key in debt: nothing more until the refill pays it back.
+    limiter.charge_tokens("k", limits, 1000, 0.0)
+    refused = limiter.tokens_left("k", limits, 0.0)
+    assert not refused.allowed and refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert math.isclose(refused.retry_after_s, 601 / (1000 / 60))
+    assert not limiter.tokens_left("k", limits, refused.retry_after_s * 0.99).allowed
+    assert limiter.tokens_left("k", limits, refused.retry_after_s + 1e-6).allowed
+    assert limiter.tokens_left("other", limits, 0.0).allowed  # keys do not share buckets
 
 
 def test_no_limit_means_no_headers() -> None:
@@ -65,26 +72,28 @@ def test_openai_duration_format() -> None:
        steps=st.lists(st.tuples(st.floats(0, 30), st.integers(1, 60)), max_size=60))
 def test_never_more_than_the_allowance_over_any_stretch(
         per_minute: int, steps: list[tuple[float, int]]) -> None:
-    """Taken over [0, t] never exceeds a full bucket plus what refilled since 0, and a refusal's
-    Retry-After is exactly when the same request would pass."""
+    """Tokens charged over [0, t] never exceed a full bucket plus what refilled since 0 plus
+    the one request admitted last (its usage is only known afterwards), and a refusal's
+    Retry-After is exactly when a request is admitted again."""
     limiter = RateLimiter()
     limits = Limits(tokens_per_minute=per_minute)
-    now, taken = 0.0, 0
+    now, taken, last = 0.0, 0, 0
     for gap, amount in steps:
         now += gap
-        verdict = limiter.tokens("k", limits, amount, now)
+        verdict = limiter.tokens_left("k", limits, now)
         if verdict.allowed:
+            limiter.charge_tokens("k", limits, amount, now)
             taken += amount
-        elif verdict.retry_after_s != math.inf:
+            last = amount
+        else:
             wait = verdict.retry_after_s
+            assert wait != math.inf
             if wait > 1e-3:
                 early = copy.deepcopy(limiter)
-                assert not early.tokens("k", limits, amount, now + wait * 0.99).allowed
+                assert not early.tokens_left("k", limits, now + wait * 0.99).allowed
             on_time = copy.deepcopy(limiter)
-            assert on_time.tokens("k", limits, amount, now + wait + 1e-6).allowed
-        else:
-            assert amount > per_minute
-        assert taken <= per_minute + now * per_minute / 60 + 1e-6
+            assert on_time.tokens_left("k", limits, now + wait + 1e-6).allowed
+        assert taken <= per_minute + now * per_minute / 60 + last + 1e-6
         remaining = int(verdict.headers["x-ratelimit-remaining-tokens"])
         assert 0 <= remaining <= per_minute
 

@@ -396,8 +396,8 @@ def test_route_train_and_eval_commands(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 def _args(**routing: Any) -> dict[str, Any]:
-    return {"models": [{"name": "chat", "engine": "fake"},
-                       {"name": "code", "engine": "fake", "aliases": ["coder"]}],
+    return {"models": [{"name": "chat", "model": "fake"},
+                       {"name": "code", "model": "fake", "aliases": ["coder"]}],
             "routing": routing}
 
 
