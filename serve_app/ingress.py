@@ -187,7 +187,7 @@ class Ingress:
             response = _json_response(body, status, headers)
         if limit_headers:
             response.headers.update(limit_headers)
-        if request.url.path != "/health":
+        if _path(request) != "/health":
             self._record(request, request_id, response, code, time.perf_counter() - started)
         return response
 
@@ -201,12 +201,12 @@ class Ingress:
         # Fields for JSON logs (Serve's logging_config encoding: JSON); the text line says the
         # same. The decision's reason names features and scores, never the request's text.
         fields = {"request_id": request_id, "method": request.method,
-                  "path": request.url.path, "status_code": status, "model": model,
+                  "path": _path(request), "status_code": status, "model": model,
                   "rule": rule, "stream": streaming,
                   ("ttft_ms" if streaming else "duration_ms"): round(elapsed_s * 1000, 1),
                   "key": principal.name if principal is not None else None}
         logger.info("request %s %s %s -> %d in %.1f ms%s%s", request_id, request.method,
-                    request.url.path, status, elapsed_s * 1000,
+                    _path(request), status, elapsed_s * 1000,
                     " (first token; streaming)" if streaming else "",
                     _route_log(route) if route is not None else "", extra=fields)
         self._metrics.request(model, rule, status)
@@ -216,7 +216,7 @@ class Ingress:
             self._metrics.finished(model, False, elapsed_s)
 
     async def _dispatch(self, request: Request, request_id: str) -> Response:
-        path = request.url.path.rstrip("/") or "/"
+        path = _path(request)
         methods = self._routes.get(path)
         if path not in _OPEN_PATHS:
             principal = self._keys.authenticate(request.headers.get("authorization"))
@@ -352,7 +352,7 @@ class Ingress:
                              code="input_too_long")
 
     async def _forwarded(self, request: Request, request_id: str) -> Response:
-        path = request.url.path.rstrip("/")
+        path = _path(request)
         body = await self._read_json(request)
         decision = self._decide(request, path, body)
         return await self._serve(request, path, body, decision, request_id)
@@ -516,6 +516,17 @@ class Ingress:
 
     async def _health(self, request: Request, request_id: str) -> Response:
         return _json_response({"status": "ok"})
+
+
+def _path(request: Request) -> str:
+    """The request's path within the app: without the app's route prefix (Serve's
+    `route_prefix`, the ASGI root path), so Roundhouse may be deployed under one, and without a
+    trailing slash."""
+    path: str = request.scope["path"]
+    root: str = request.scope.get("root_path") or ""
+    if root and path.startswith(root):
+        path = path[len(root):]
+    return path.rstrip("/") or "/"
 
 
 def _route_log(route: RouteDecision) -> str:

@@ -76,3 +76,16 @@ def test_what_crosses_ray_pickles() -> None:
              StreamHead(200, "text/event-stream", b"data: x\n\n"), StreamEnd(b"", Usage(3, 4))]
     assert [pickle.loads(pickle.dumps(i)) for i in items] == items
     assert Usage(3, 4).total_tokens == 7
+
+
+def test_the_ingress_sees_paths_without_its_route_prefix() -> None:
+    from starlette.requests import Request
+
+    from serve_app.ingress import _path
+
+    def path(raw: str, root: str = "") -> str:
+        return _path(Request({"type": "http", "path": raw, "root_path": root, "headers": []}))
+
+    assert path("/v1/chat/completions") == "/v1/chat/completions"
+    assert path("/rh/v1/chat/completions", "/rh") == "/v1/chat/completions"
+    assert path("/rh", "/rh") == "/" and path("/v1/models/") == "/v1/models"
