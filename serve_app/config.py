@@ -435,6 +435,10 @@ def parse_app_config(args: dict[str, Any], check_engine: bool = True,
     problems = memory_plan_problems(config)
     if problems:
         raise ConfigError("memory plan does not hold: " + "; ".join(problems))
+    if check_engine and config.routing.classifier.enabled and config.routing.classifier.path:
+        from serve_app.router import build_router
+
+        build_router(config)  # loads the classifier's model file: ConfigError if it cannot
     return config
 
 

@@ -206,3 +206,10 @@ def test_a_serve_config_file_with_engine_settings(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(document))
     with pytest.raises(ConfigError, match="'model-nope' has a user_config"):
         load_app_config(path, check_engine=False)
+
+
+def test_a_missing_routing_model_file_fails_the_config(tmp_path: Path) -> None:
+    bad = args(routing={"classifier": {"path": str(tmp_path / "missing.json.gz")}})
+    with pytest.raises(ConfigError, match="routing.classifier.path"):
+        parse_app_config(bad)
+    assert parse_app_config(bad, check_engine=False)  # tools that only read the config
