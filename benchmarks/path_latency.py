@@ -1,6 +1,7 @@
 """The cost of Roundhouse's request path alone: proxy -> ingress -> model replica and back.
 
-Runs the app with the fake engine (zero prefill time, so nothing but the path is measured) and
+Runs the app with the test's fake engine (tests/fake_engine.py: zero prefill time, so nothing but
+the path is measured) and
 times sequential requests from a client on the same machine: time to first streamed byte and
 the full non-streaming round trip. Writes benchmarks/results/path_latency.json.
 
@@ -53,10 +54,12 @@ def main() -> int:
 
     from serve_app.app import serve_config
 
+    # The replicas import the fake engine from the repository's tests package.
     ray.init(address="local", include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
     document = serve_config({"models": [{"name": "chat", "model": "fake", "pinned": True,
-                                         "engine_kwargs": {"tokens_per_s": 100000}}]}, PORT)
+                                         "engine_kwargs": {"tokens_per_s": 100000}}]}, PORT,
+                            import_path="tests.fake_engine:build_app")
     serve_start(http_options={"host": "127.0.0.1", "port": PORT}).deploy_apps(
         ServeDeploySchema.model_validate(document))
     url = f"http://127.0.0.1:{PORT}/v1/chat/completions"

@@ -240,6 +240,7 @@ class ModelServer:
         with self._tracked():
             exchange = Exchange(self._engine.app, http_scope("POST", request.path), body,
                                 context=scoped_context(scope))
+
             def stop() -> None:  # the generation timed out: abort it in the engine
                 asyncio.ensure_future(exchange.close())
 
@@ -283,12 +284,12 @@ class ModelServer:
             while not (exchange.finished or (scope.admitted.is_set() and exchange.pending())):
                 await exchange.wait()
             chunks = exchange.take()
-            if exchange.finished:
-                chunks.append(b"")
             first = b"".join(chunks)
             failure = self._failure(scope, exchange, first)
             if failure is None and first.startswith(_ERROR_EVENT) and not scope.admitted.is_set():
-                failure = engine_error(400, first[6:].split(b"\n", 1)[0], self._name)
+                # Refused in-band before any generation (vLLM reports stream errors that way):
+                # still a real status here.
+                failure = engine_error(None, _event_data(first), self._name)
             if failure is not None:
                 raise failure
             yield StreamHead(exchange.status or 200, exchange.media_type,
@@ -312,8 +313,7 @@ class ModelServer:
         (string codes, the request id)."""
         for i, chunk in enumerate(chunks):
             if chunk.startswith(_ERROR_EVENT):
-                error = scope.error or engine_error(
-                    500, chunk[6:].split(b"\n", 1)[0], self._name)
+                error = scope.error or engine_error(None, _event_data(chunk), self._name)
                 chunks[i] = stream_error_event("", error, scope.request_id, done=False)
         return b"".join(chunks)
 
@@ -362,6 +362,11 @@ class ModelServer:
 
     async def __del__(self) -> None:
         await self._engine.shutdown()
+
+
+def _event_data(event: bytes) -> bytes:
+    """The JSON of an SSE `data:` event."""
+    return event.removeprefix(b"data: ").split(b"\n", 1)[0]
 
 
 def _engine_processes() -> list[tuple[int, float]]:

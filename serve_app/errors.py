@@ -158,9 +158,10 @@ _ENGINE_STATUS: dict[int, type[RoundhouseError]] = {
 CONTEXT_LENGTH_MARKER = "maximum context length"
 
 
-def engine_error(status: int, body: bytes, model: str) -> RoundhouseError:
-    """An engine app's error response as one of ours. 5xx messages are not passed on (they
-    may say more about the server than a client should see); the log keeps their type."""
+def engine_error(status: int | None, body: bytes, model: str) -> RoundhouseError:
+    """An engine app's error response (or, with `status` None, an error event of its stream,
+    whose status is the body's `code`) as one of ours. 5xx messages are not passed on (they may
+    say more about the server than a client should see); the log keeps their type."""
     message, param, kind = "", None, ""
     try:
         parsed = json.loads(body)
@@ -172,8 +173,12 @@ def engine_error(status: int, body: bytes, model: str) -> RoundhouseError:
             message = str(error.get("message") or error.get("detail") or "")
             param = error.get("param") if isinstance(error.get("param"), str) else None
             kind = str(error.get("type") or "")
+            if status is None and isinstance(error.get("code"), int):
+                status = error["code"]
+    if status is None:
+        status = 500
     cls = _ENGINE_STATUS.get(status)
-    if cls is None or status >= 500 and cls is not ModelUnavailable:
+    if cls is None:  # 500 and other server errors
         logger.warning("model %s: the engine answered %d (%s)", model, status, kind or "no type")
         return RoundhouseError(f"model {model} failed to serve the request")
     if cls is EndpointNotSupported:
