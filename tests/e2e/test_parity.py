@@ -171,8 +171,8 @@ def test_logprobs_echo_and_logit_bias(reference_url: str, base_url: str) -> None
          {"model": "chat", "prompt": "The capital of France is", "max_tokens": 4,
           "temperature": 0, "logprobs": 2, "echo": True})
     # A strong bias on one token makes greedy decoding produce it: honoured, not ignored.
-    token = httpx.post(f"{base_url}/tokenize", json={"model": "chat", "prompt": " banana",
-                                                     "add_special_tokens": False}).json()
+    token = httpx.post(f"{base_url}/tokenize", timeout=60, json={
+        "model": "chat", "prompt": " banana", "add_special_tokens": False}).json()
     biased = same(reference_url, base_url, "/v1/chat/completions",
                   chat(max_tokens=3, logit_bias={str(token["tokens"][0]): 100}))
     assert "banana" in biased["choices"][0]["message"]["content"]
