@@ -95,7 +95,10 @@ class KvAdmission:
                 code="queue_full", retry_after_s=RETRY_AFTER_S)
         event = self._admitted[key] = asyncio.Event()
         try:
-            await asyncio.wait_for(event.wait(), self._limits.queue_timeout_s)
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # (a client gone) that arrives as the event is set.
+            async with asyncio.timeout(self._limits.queue_timeout_s):
+                await event.wait()
         except TimeoutError:
             self._release(key)
             raise RateLimited(

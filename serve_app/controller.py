@@ -293,7 +293,8 @@ class ResidencyController:
         m.waiters.append(future)
         try:
             self.reconcile()
-            await asyncio.wait_for(asyncio.shield(future), timeout=limits.load_timeout_s)
+            async with asyncio.timeout(limits.load_timeout_s):  # not wait_for (see _drain)
+                await asyncio.shield(future)
         except TimeoutError:
             why = m.blocked or f"it is {m.state}"
             raise ModelUnavailable(
@@ -503,12 +504,16 @@ class ResidencyController:
         limits = self._limits
         started = self._clock()
         try:
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for can swallow a cancellation
+            # that arrives as the call completes, and this loop would then never stop.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self._actuator.drain(m.name), timeout=5)
+                async with asyncio.timeout(5):
+                    await self._actuator.drain(m.name)
             left = 0
             while True:
                 try:
-                    left = await asyncio.wait_for(self._actuator.in_flight(m.name), timeout=5)
+                    async with asyncio.timeout(5):
+                        left = await self._actuator.in_flight(m.name)
                 except Exception:
                     left = 0  # the replica is gone or unreachable: nothing left to wait for
                 elapsed = self._clock() - started

@@ -24,6 +24,8 @@ from serve_app.errors import ModelUnavailable, RoundhouseError, unwrap
 logger = logging.getLogger("ray.serve.roundhouse")
 
 HEARTBEAT_S = 0.5
+# A heartbeat answered later than this counts as failed (the handle is kept, see _beat).
+HEARTBEAT_TIMEOUT_S = 5.0
 
 
 class ResidencyClient:
@@ -70,11 +72,11 @@ class ResidencyClient:
             counts, busy = self._usage()
             try:
                 if self._actor is None:
-                    self._actor = lookup(self._app)
+                    self._actor = await asyncio.to_thread(lookup, self._app)
                     if self._actor is None:
                         await self._connect()
-                answer = await asyncio.wait_for(self._actor.heartbeat.remote(counts, busy),
-                                                timeout=5)
+                async with asyncio.timeout(HEARTBEAT_TIMEOUT_S):  # not wait_for: 3.11 can
+                    answer = await self._actor.heartbeat.remote(counts, busy)  # eat a cancel
                 if not answer["configured"]:  # the controller restarted and lost its config
                     await self._actor.configure.remote(self._config)
                 self._serving = dict(answer["serving"])
@@ -87,7 +89,10 @@ class ResidencyClient:
                     logger.warning("residency controller heartbeat failed: %s",
                                    type(exc).__name__)
                 self._failing = True
-                self._actor = None
+                # A slow answer (a loaded machine) keeps the handle; a dead actor drops it, so
+                # the next beat looks the (restarted or recreated) controller up again.
+                if not isinstance(exc, TimeoutError):
+                    self._actor = None
             await asyncio.sleep(HEARTBEAT_S)
 
     async def ready(self, model: str) -> None:
@@ -96,6 +101,8 @@ class ResidencyClient:
         if self._serving.get(model) and time.monotonic() - self._answered_at < INGRESS_LEASE_S:
             return
         actor = self._actor
+        if actor is None:
+            actor = await asyncio.to_thread(lookup, self._app)
         if actor is None:
             raise ModelUnavailable("the residency controller is not reachable; retry shortly",
                                    retry_after_s=2)

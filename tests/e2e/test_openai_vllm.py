@@ -219,7 +219,13 @@ def test_burst_of_long_outputs_does_not_starve_short_requests(base_url: str) -> 
 
 
 def test_server_still_serves_after_bad_input(client: openai.OpenAI, base_url: str) -> None:
-    for content in (b"\x00\x01", b'{"messages": [{"role": "user"}]}', b'{"prompt": 7}'):
+    # Not JSON; messages of the wrong type; a prompt of the wrong type; a message without a
+    # role and a non-numeric temperature. (A user message without content is valid to vLLM and
+    # would generate, so it is not here.) max_tokens bounds the work should one be accepted.
+    for content in (b"\x00\x01", b'{"messages": "hi", "max_tokens": 1}',
+                    b'{"prompt": 7, "max_tokens": 1}',
+                    b'{"messages": [{"content": "hi"}], "prompt": 7, "temperature": "hot",'
+                    b' "max_tokens": 1}'):
         # Each is refused with a client error; the wait allows for a loaded CI machine.
         for path in ("/v1/chat/completions", "/v1/completions"):
             status = httpx.post(f"{base_url}{path}", content=content, timeout=60).status_code
