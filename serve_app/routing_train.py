@@ -558,6 +558,17 @@ def train(examples: Sequence[Example], settings: dict[str, Any] | None = None,
           cv: bool = True) -> tuple[dict[str, Any], Report]:
     """The model file's content and a report. With `cv`, out-of-fold predictions fit the
     temperature and give the cross-validated accuracy (folds+1 fits instead of one)."""
+    from threadpoolctl import threadpool_limits
+
+    # One BLAS thread: a multi-threaded dot product sums in an order that depends on the
+    # machine's cores and load, and the same data must give the same bytes everywhere.
+    with threadpool_limits(limits=1):
+        return _train(examples, settings, hyper, meta, cv)
+
+
+def _train(examples: Sequence[Example], settings: dict[str, Any] | None,
+           hyper: dict[str, Any] | None, meta: dict[str, Any] | None,
+           cv: bool) -> tuple[dict[str, Any], Report]:
     start = time.perf_counter()
     settings = {**DEFAULT_SETTINGS, **(settings or {})}
     hyper = {**DEFAULT_HYPER, **(hyper or {})}
