@@ -37,7 +37,8 @@ models: install
 # Ray is told the config's memory budget as a custom resource, so it never places two CPU
 # models that do not fit together (see README, "Residency").
 serve: models
-	@$(BIN)/ray status >/dev/null 2>&1 || $(BIN)/ray start --head --disable-usage-stats \
+	@$(BIN)/ray status >/dev/null 2>&1 || env $$($(BIN)/roundhouse ray-env) \
+	  $(BIN)/ray start --head --disable-usage-stats \
 	  --dashboard-host 127.0.0.1 --include-dashboard true --metrics-export-port $(METRICS_PORT) \
 	  --resources '$(shell $(BIN)/roundhouse ray-resources $(CONFIG) 2>/dev/null || echo {})'
 	$(BIN)/serve deploy $(CONFIG)
@@ -59,6 +60,7 @@ test-unit: install
 bench: models
 	$(BIN)/python benchmarks/routing_speed.py
 	$(BIN)/python benchmarks/path_latency.py
+	$(BIN)/python benchmarks/stream_batch.py
 	$(BIN)/python benchmarks/overhead.py
 	$(BIN)/python benchmarks/cold_start.py
 	$(BIN)/python benchmarks/spike.py

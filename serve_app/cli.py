@@ -102,6 +102,14 @@ def _ray_resources(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ray_env(args: argparse.Namespace) -> int:
+    """`KEY=VALUE` words for `env` before `ray start`: how Serve carries requests."""
+    from serve_app.app import SERVE_TRANSPORT_ENV
+
+    print(" ".join(f"{key}={value}" for key, value in SERVE_TRANSPORT_ENV.items()))
+    return 0
+
+
 def _route(args: argparse.Namespace) -> int:
     """Routing decisions for request bodies on stdin (JSON Lines), without loading any model."""
     import json
@@ -347,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("config")
     res.add_argument("--app", default=None, help="application name (default: the first)")
     res.set_defaults(func=_ray_resources)
+    env = sub.add_parser("ray-env", help="print the environment `ray start` needs for Serve's "
+                                         "fast request path (HAProxy front, direct ingress)")
+    env.set_defaults(func=_ray_env)
     route = sub.add_parser(
         "route", help="print the routing decision for each request body read from stdin; "
                       "`route train` trains the routing classifier, `route eval` scores one",

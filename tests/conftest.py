@@ -25,6 +25,9 @@ APP_NAME = "roundhouse"
 FAKE_IMPORT_PATH = "tests.fake_engine:build_app"
 # Ray's Prometheus endpoint for the test cluster (tests/serve/test_operations.py).
 METRICS_PORT = int(os.environ.get("ROUNDHOUSE_TEST_METRICS_PORT", "18090"))
+# Where the test cluster's HAProxy mode puts its own ports (serve_app.app.transport_ports_env),
+# away from a `make serve` cluster's defaults.
+TRANSPORT_PORTS = (20410, 21000)
 
 
 def wait_until(predicate: Callable[[], Any], timeout_s: float, what: str,
@@ -52,13 +55,35 @@ def ray_serve() -> Iterator[str]:
     import ray
     from ray import serve
 
-    from serve_app.app import MEMORY_RESOURCE, memory_mib
+    # The suite runs on Serve's default transport: HAProxy mode (what `make serve` starts Ray
+    # with) holds each fresh deploy ~15 s longer and the suite deploys ~100 times, so it is
+    # opt-in here (ROUNDHOUSE_TEST_TRANSPORT=haproxy: the cluster's processes start with it,
+    # this test process keeps Serve's defaults for its handles). tests/e2e/test_shutdown.py runs
+    # `ray start` / `serve deploy` with it on real vLLM either way.
+    from serve_app.app import (
+        MEMORY_RESOURCE,
+        SERVE_TRANSPORT_ENV,
+        memory_mib,
+        transport_ports_env,
+    )
 
-    # The replicas import the fake engine from this repository's tests package.
-    ray.init(address="local", include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False, resources={MEMORY_RESOURCE: memory_mib(CLUSTER_MEMORY_GIB)},
-             _metrics_export_port=METRICS_PORT,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    transport = SERVE_TRANSPORT_ENV | transport_ports_env(*TRANSPORT_PORTS) if (
+        os.environ.get("ROUNDHOUSE_TEST_TRANSPORT") == "haproxy") else {}
+    saved = {key: os.environ.get(key) for key in transport}
+    os.environ.update(transport)
+    try:
+        # The replicas import the fake engine from this repository's tests package.
+        ray.init(address="local", include_dashboard=False, logging_level="ERROR",
+                 log_to_driver=False,
+                 resources={MEMORY_RESOURCE: memory_mib(CLUSTER_MEMORY_GIB)},
+                 _metrics_export_port=METRICS_PORT,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     serve.start(http_options={"host": "127.0.0.1", "port": TEST_PORT})
     try:
         yield f"http://127.0.0.1:{TEST_PORT}"
@@ -161,3 +186,42 @@ def model_handle(model: str) -> Any:
     from serve_app.config import deployment_name
 
     return serve.get_deployment_handle(deployment_name(model), app_name=APP_NAME)
+
+
+# --- diagnostics: a failed test against the cluster shows Serve's recent warnings ------------
+
+_LOG_FILES = ("controller_*.log", "proxy_*.log", "replica_*ingress*.log", "replica_*model-*.log")
+
+
+def _serve_log_tail(lines_per_file: int = 15) -> str:
+    logs = Path("/tmp/ray/session_latest/logs")
+    found: list[str] = []
+    for pattern in _LOG_FILES:
+        for path in sorted((logs / "serve").glob(pattern)):
+            try:
+                text = path.read_text(errors="replace").splitlines()
+            except OSError:
+                continue
+            notable = [line for line in text if " WARNING " in line or " ERROR " in line]
+            if notable:
+                found.append(f"--- {path.name}")
+                found += [line[:400] for line in notable[-lines_per_file:]]
+    for path in sorted(logs.glob("worker-*.err")):  # the residency controller's own log
+        try:
+            text = path.read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        notable = [line for line in text if "roundhouse.controller" in line]
+        if notable:
+            found.append(f"--- {path.name}")
+            found += [line[:400] for line in notable[-lines_per_file:]]
+    return "\n".join(found)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and "ray_serve" in getattr(item, "fixturenames", ()):
+        with contextlib.suppress(Exception):
+            report.sections.append(("Serve logs (warnings and errors)", _serve_log_tail()))

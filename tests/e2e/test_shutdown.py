@@ -24,7 +24,12 @@ import httpx
 import psutil
 import pytest
 
-from serve_app.app import load_app_config, serve_config
+from serve_app.app import (
+    SERVE_TRANSPORT_ENV,
+    load_app_config,
+    serve_config,
+    transport_ports_env,
+)
 from tests.conftest import REPO, wait_until
 from tests.e2e.scoped_ray_stop import alive, cluster_processes
 
@@ -49,8 +54,10 @@ def engines(processes: dict[int, float]) -> dict[int, float]:
 
 
 def run(*cmd: str, timeout: float = 300) -> None:
+    # As `make serve`: Ray's processes start with Serve's transport settings (HAProxy front).
     env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{GCS_PORT}", "RAY_AUTH_MODE": "disabled",
-           "RAY_USAGE_STATS_ENABLED": "0"}
+           "RAY_USAGE_STATS_ENABLED": "0", **SERVE_TRANSPORT_ENV,
+           **transport_ports_env(20420, 21400)}  # beside the session's test cluster
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
                           cwd=REPO)
     assert done.returncode == 0, f"{' '.join(cmd)}: {done.stdout[-2000:]}{done.stderr[-2000:]}"
@@ -85,6 +92,14 @@ def test_serve_shutdown_then_ray_stop_leave_no_engine_or_ray_process(
     resp = httpx.post(f"http://127.0.0.1:{HTTP_PORT}/v1/completions", timeout=120,
                       json={"model": "chat", "prompt": "Hello", "max_tokens": 2})
     assert resp.status_code == 200, resp.text
+    # A stream through HAProxy arrives as events, ends with [DONE], with our headers.
+    with httpx.stream("POST", f"http://127.0.0.1:{HTTP_PORT}/v1/chat/completions", timeout=120,
+                      json={"model": "chat", "max_tokens": 8, "stream": True, "messages": [
+                          {"role": "user", "content": "Hello"}]}) as stream:
+        assert stream.status_code == 200
+        assert stream.headers["x-roundhouse-model"] == "chat"
+        events = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 3 and events[-1] == "data: [DONE]", events
     started = engines(cluster_processes(temp_dir))
     assert started, "no vLLM engine process found in the test's cluster"
 
