@@ -324,12 +324,13 @@ def start_vllm_server(procs: Processes, model_path: str, pin: str | None, log: P
     return procs.start("vllm-server", cmd, {**os.environ, **ENGINE_ENV}, log)
 
 
-def _ray_env() -> dict[str, str]:
+def _ray_env(transport: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return env | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return env | {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"} | transport
 
 
-def start_ray(procs: Processes, pin: str | None, log: Path) -> Any:
+def start_ray(procs: Processes, pin: str | None, log: Path,
+              transport: dict[str, str]) -> Any:
     taken = [p for p in (RAY_PORT, SERVE_PORT, *RAY_PORTS.values()) if not _port_free(p)]
     if taken:
         raise RuntimeError(f"ports {taken} are taken (another run of this benchmark?)")
@@ -340,7 +341,7 @@ def start_ray(procs: Processes, pin: str | None, log: Path) -> Any:
            "--object-store-memory", str(256 << 20)]
     for flag, port in RAY_PORTS.items():
         cmd += [flag, str(port)]
-    return procs.start("ray", cmd, _ray_env(), log)
+    return procs.start("ray", cmd, _ray_env(transport), log)
 
 
 def gateway_args() -> dict[str, Any]:
@@ -406,7 +407,7 @@ def deploy(document: dict[str, Any], pin: str | None, log: Path) -> None:
     with log.open("ab") as out:
         subprocess.run([*_taskset(pin), sys.executable, "-c", _DEPLOY,
                         f"127.0.0.1:{RAY_PORT}", str(path)],
-                       env=_ray_env(), stdout=out, stderr=subprocess.STDOUT, check=True,
+                       env=_ray_env({}), stdout=out, stderr=subprocess.STDOUT, check=True,
                        timeout=600)
 
 
@@ -736,6 +737,15 @@ def machine() -> dict[str, Any]:
 
 # --- the run --------------------------------------------------------------------------------
 
+def _transport(args: argparse.Namespace) -> dict[str, str]:
+    """Serve's transport for B, C and D: what `make serve` starts Ray with (HAProxy front,
+    direct ingress, gRPC between deployments), or Serve's defaults with --serve-defaults."""
+    from serve_app.app import SERVE_TRANSPORT_ENV, transport_ports_env
+
+    return {} if args.serve_defaults else (
+        SERVE_TRANSPORT_ENV | transport_ports_env(20440, 22200))
+
+
 def _raise_on_sigterm(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
@@ -748,6 +758,8 @@ def measure(args: argparse.Namespace, model_path: str, procs: Processes) -> dict
             ("vllm-server", "ray", "deploy", "bench-client")}
     for log in logs.values():
         log.write_bytes(b"")
+    if args.require_quiet and (foreign := foreign_processes({})):
+        raise RuntimeError(f"--require-quiet: other tests/benchmarks are running: {foreign}")
     watched = []
     print(f"starting targets {' '.join(t.letter for t in targets)} "
           f"(Ray/client pinned to {pin or 'nothing'})", flush=True)
@@ -755,7 +767,7 @@ def measure(args: argparse.Namespace, model_path: str, procs: Processes) -> dict
     if "vllm" in keys:
         watched.append(start_vllm_server(procs, model_path, pin, logs["vllm-server"]))
     if set(keys) - {"vllm"}:
-        ray_proc = start_ray(procs, pin, logs["ray"])
+        ray_proc = start_ray(procs, pin, logs["ray"], _transport(args))
         watched.append(ray_proc)
         deploy(serve_document(model_path, keys, args.stream_batch_ms, args.rayllm_pythonpath),
                pin, logs["deploy"])
@@ -776,6 +788,8 @@ def measure(args: argparse.Namespace, model_path: str, procs: Processes) -> dict
                                   "load": {}}
         round_["cpu_s"] = {}
         for target in targets:
+            if args.require_quiet and (foreign := foreign_processes(procs.sessions())):
+                raise RuntimeError(f"--require-quiet: other tests/benchmarks started: {foreign}")
             round_["load"][target.key] = load_average()
             round_["results"][target.key] = {}
             cpu_before, wall_before = procs.cpu_s(), time.monotonic()
@@ -823,6 +837,12 @@ def main() -> int:
                         help="where target D finds pyarrow (Ray Serve LLM needs it; install "
                         "with `pip install --target DIR pyarrow`) if the environment lacks it; "
                         "default %(default)s")
+    parser.add_argument("--serve-defaults", action="store_true",
+                        help="run B, C and D on Serve's default transport (Python proxy, Ray "
+                        "actor calls) instead of `roundhouse ray-env`'s")
+    parser.add_argument("--require-quiet", action="store_true",
+                        help="stop (without results) as soon as a pytest run or a vLLM server "
+                        "of someone else shows up on this machine")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: 1 round, 16 prompts at concurrency 16, 2 at 1")
     parser.add_argument("--output", type=Path, default=RESULTS / "overhead.json")
@@ -876,7 +896,7 @@ def main() -> int:
         "settings": {
             "rounds": args.rounds, "quick": args.quick, "targets": keys,
             "target_labels": {t.key: f"{t.letter} {t.label}" for t in TARGETS if t.key in keys},
-            "pin_ray": args.pin_ray,
+            "pin_ray": args.pin_ray, "serve_transport_env": _transport(args),
             "workloads": {w.key: {"label": w.label, "backend": w.backend,
                                   "endpoint": w.endpoint, "concurrency": w.concurrency,
                                   "num_prompts": {"completions_c16": args.prompts_c16}.get(
