@@ -101,8 +101,8 @@ class ResidencyClient:
         if self._serving.get(model) and time.monotonic() - self._answered_at < INGRESS_LEASE_S:
             return
         actor = self._actor
-        if actor is None:
-            actor = await asyncio.to_thread(lookup, self._app)
+        if actor is None:  # the heartbeat lost it: a restarted controller may be there
+            actor = self._actor = await asyncio.to_thread(lookup, self._app)
         if actor is None:
             raise ModelUnavailable("the residency controller is not reachable; retry shortly",
                                    retry_after_s=2)
