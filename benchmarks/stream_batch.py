@@ -78,14 +78,8 @@ RAY_PORTS = {"--node-manager-port": 16391, "--object-manager-port": 16392,
              "--dashboard-agent-grpc-port": 16395, "--runtime-env-agent-port": 16396,
              "--metrics-export-port": 16397, "--min-worker-port": 16600,
              "--max-worker-port": 16799}
-SERVE_PORTS_ENV = {"RAY_SERVE_HAPROXY_STATS_PORT": "18406",
-                   "RAY_SERVE_HAPROXY_METRICS_PORT": "18407",
-                   "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": "18506",
-                   "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": "18507",
-                   "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "31100",
-                   "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "31300",
-                   "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": "41100",
-                   "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": "41300"}
+# Serve's HAProxy mode's own fixed ports, moved (serve_app.app.transport_ports_env).
+SERVE_PORTS_BASE, SERVE_INGRESS_PORTS_FROM = 20460, 23000
 MEMORY_GIB = 0.5  # each fake model's share of the residency budget (all fit, all pinned)
 PROMPTS = ("hi", "Write a haiku about trains.",
            "Summarise the plot of a long novel about a railway roundhouse in a few sentences.",
@@ -108,10 +102,11 @@ def start_cluster(procs: Processes, values: list[float], tokens_per_s: float
                   ) -> tuple[int, Path]:
     """Starts the Ray cluster and deploys the app; returns the pid of `ray start` and the
     temp dir (logs)."""
-    from serve_app.app import SERVE_TRANSPORT_ENV
+    from serve_app.app import SERVE_TRANSPORT_ENV, transport_ports_env
 
+    serve_ports = transport_ports_env(SERVE_PORTS_BASE, SERVE_INGRESS_PORTS_FROM)
     ports = [RAY_PORT, SERVE_PORT, *RAY_PORTS.values()]
-    ports += [int(v) for k, v in SERVE_PORTS_ENV.items() if "INGRESS" not in k]
+    ports += [int(v) for k, v in serve_ports.items() if "INGRESS" not in k]
     taken = [p for p in ports if not _port_free(p)]
     if taken:
         raise RuntimeError(f"ports {taken} are taken (another run of this benchmark?)")
@@ -120,7 +115,7 @@ def start_cluster(procs: Processes, values: list[float], tokens_per_s: float
     budget = MEMORY_GIB * len(values)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env |= {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
-            **SERVE_TRANSPORT_ENV, **SERVE_PORTS_ENV}
+            **SERVE_TRANSPORT_ENV, **serve_ports}
     ray = str(Path(sys.executable).parent / "ray")
     cmd = [ray, "start", "--head", "--block", "--port", str(RAY_PORT), "--temp-dir", TEMP_DIR,
            "--num-cpus", "4", "--include-dashboard", "false", "--disable-usage-stats",
