@@ -190,31 +190,28 @@ def model_handle(model: str) -> Any:
 
 # --- diagnostics: a failed test against the cluster shows Serve's recent warnings ------------
 
-_LOG_FILES = ("controller_*.log", "proxy_*.log", "replica_*ingress*.log", "replica_*model-*.log")
+_LOG_FILES = ("serve/controller_*.log", "serve/proxy_*.log", "serve/replica_*ingress*.log",
+              "serve/replica_*model-*.log", "worker-*.err")  # .err: the residency controller
 
 
-def _serve_log_tail(lines_per_file: int = 15) -> str:
+def _notable(line: str) -> bool:
+    return " WARNING " in line or " ERROR " in line or "roundhouse.controller" in line
+
+
+def _serve_log_tail(files: int = 8, lines_per_file: int = 15) -> str:
+    """The warnings and errors (and the controller's decisions) of the cluster's most recently
+    written Serve and worker logs."""
     logs = Path("/tmp/ray/session_latest/logs")
+    paths = {path for pattern in _LOG_FILES for path in logs.glob(pattern)}
     found: list[str] = []
-    for pattern in _LOG_FILES:
-        for path in sorted((logs / "serve").glob(pattern)):
-            try:
-                text = path.read_text(errors="replace").splitlines()
-            except OSError:
-                continue
-            notable = [line for line in text if " WARNING " in line or " ERROR " in line]
-            if notable:
-                found.append(f"--- {path.name}")
-                found += [line[:400] for line in notable[-lines_per_file:]]
-    for path in sorted(logs.glob("worker-*.err")):  # the residency controller's own log
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime)[-files:]:
         try:
-            text = path.read_text(errors="replace").splitlines()
+            notable = [line[:400] for line in path.read_text(errors="replace").splitlines()
+                       if _notable(line)]
         except OSError:
             continue
-        notable = [line for line in text if "roundhouse.controller" in line]
         if notable:
-            found.append(f"--- {path.name}")
-            found += [line[:400] for line in notable[-lines_per_file:]]
+            found += [f"--- {path.name}", *notable[-lines_per_file:]]
     return "\n".join(found)
 
 
