@@ -247,15 +247,32 @@ def test_a_tool_result_turn(reference_url: str, base_url: str) -> None:
     assert reply["usage"]["prompt_tokens"] > without["usage"]["prompt_tokens"]
 
 
+def structured(reply: dict[str, Any], schema: dict[str, Any] | None = None) -> None:
+    """A structured-output reply is JSON (valid against `schema`) when the model finished it. A
+    135M model sometimes writes a string value that runs to max_tokens; vLLM's own server then
+    cuts it at the same place (`same` checked that), so a cut-off reply must only have started
+    as an object."""
+    choice = reply["choices"][0]
+    content: str = choice["message"]["content"]
+    assert content.startswith("{"), content
+    if choice["finish_reason"] == "length":
+        return
+    assert choice["finish_reason"] == "stop", choice
+    value = json.loads(content)
+    assert isinstance(value, dict)
+    if schema is not None:
+        jsonschema.validate(value, schema)
+
+
 def test_structured_outputs(reference_url: str, base_url: str) -> None:
     ask = [{"role": "user", "content": "Describe a person as JSON."}]
     reply = same(reference_url, base_url, "/v1/chat/completions", chat(
-        messages=ask, max_tokens=150, response_format={
+        messages=ask, max_tokens=300, response_format={
             "type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}))
-    jsonschema.validate(json.loads(reply["choices"][0]["message"]["content"]), PERSON)
+    structured(reply, PERSON)
     reply = same(reference_url, base_url, "/v1/chat/completions", chat(
-        messages=ask, max_tokens=150, response_format={"type": "json_object"}))
-    assert isinstance(json.loads(reply["choices"][0]["message"]["content"]), dict)
+        messages=ask, max_tokens=300, response_format={"type": "json_object"}))
+    structured(reply)
     same(reference_url, base_url, "/v1/chat/completions", chat(
         messages=ask, max_tokens=10, structured_outputs={"choice": ["yes", "no"]}))
 
